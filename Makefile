@@ -1,0 +1,33 @@
+# Two entry points for people: `make demo` and `make test`. Everything they need is installed
+# on first use and cached outside the repository (CACHE), so a brand-new machine needs only
+# python3, go and a C compiler.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+CACHE ?= $(HOME)/.cache/finetune-operator
+UV_VERSION := 0.13.9
+UV := $(CACHE)/uv-$(UV_VERSION)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)/tests
+
+.PHONY: demo test lint crds venv
+
+venv: $(VENV)/.synced
+
+$(UV):
+	python3 -m venv $(CACHE)/uv-$(UV_VERSION)
+	$(CACHE)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --extra operator --extra train --extra export --group dev
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+crds: venv
+	$(PY) -m finetune_operator crds
+
+test: venv lint
+	$(PY) -m pytest

@@ -1,0 +1,214 @@
+"""The `FineTuneJob` resource: the trainer's spec plus what only Kubernetes needs, and the status.
+
+The training part (`finetune_trainer.spec.TrainingSpec`) is embedded field for field, so the same
+job.yaml trains on a workstation and on the cluster, and the CRD in crds/ is generated from these
+models (`python -m finetune_operator crds`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from finetune_trainer.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    SecretKeyRef,
+    Spec,
+    StorageSpec,
+    TrainingSpec,
+    cel,
+    validations,
+)
+from pydantic import Field
+
+__all__ = ["API_GROUP", "API_VERSION", "KIND", "PLURAL", "SHORT_NAME", "SecretKeyRef"]
+
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAME = "ftj"
+
+
+class Toleration(Spec):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=316)
+    """Taint key; empty with operator Exists matches every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """How key and value are compared."""
+    value: str | None = Field(default=None, max_length=63)
+    """Taint value for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; every effect when unset."""
+    toleration_seconds: int | None = Field(default=None, ge=0)
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class ResourceSpec(Spec):
+    """Compute for the training pod."""
+
+    gpus: int = Field(default=1, ge=0, le=16)
+    """GPUs for the pod (requests = limits). 0 trains on the CPU (tiny models, tests)."""
+    gpu_resource: str = Field(default="nvidia.com/gpu", max_length=253)
+    """Extended resource name of the GPU."""
+    cpu: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    """CPU request, for example `8` or `500m`; operator default when unset."""
+    memory: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    """Memory request and limit, for example `64Gi`; operator default when unset."""
+
+
+class JobStorageSpec(StorageSpec):
+    """Checkpoint and artifact storage, with the Secret holding S3 credentials."""
+
+    credentials_secret: str | None = Field(default=None, min_length=1, max_length=253)
+    """Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN),
+    passed to the trainer as environment variables; operator default when unset."""
+    delete_on_job_deletion: bool = False
+    """Delete the job's checkpoints and artifacts when the FineTuneJob is deleted. Kept by default."""
+
+
+_SPEC_RULES = validations(
+    cel(
+        "self.model == oldSelf.model && self.data == oldSelf.data && self.template == oldSelf.template"
+        " && self.lora == oldSelf.lora && self.training == oldSelf.training",
+        "the training spec (model, data, template, lora, training) is immutable; create a new FineTuneJob",
+    ),
+)
+
+
+class FineTuneJobSpec(TrainingSpec):
+    """Desired state of a FineTuneJob: the training spec plus scheduling, storage and limits."""
+
+    model_config = {"json_schema_extra": _SPEC_RULES}
+
+    storage: JobStorageSpec = Field(default_factory=JobStorageSpec)  # type: ignore[assignment]
+    """Checkpoint and artifact storage."""
+    image: str | None = Field(default=None, max_length=512)
+    """Trainer image; the operator's default when unset."""
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    """GPUs, CPU and memory."""
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    """Node labels the pod must match (merged over the operator's default)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Tolerations, for example for tainted GPU nodes."""
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    """PriorityClass of the training pod."""
+    queue_name: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Kueue LocalQueue: the Job is created suspended with the `kueue.x-k8s.io/queue-name` label."""
+    suspend: bool = False
+    """Stop the training pod (it checkpoints first); false again resumes from the checkpoint."""
+    active_deadline_seconds: int | None = Field(default=None, ge=60)
+    """Wall-clock limit for the whole job, preemptions included."""
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Failed attempts allowed before the job fails. Preemptions and evictions do not count."""
+    service_account_name: str | None = Field(default=None, max_length=253)
+    """ServiceAccount of the training pod (for cloud IAM); it needs no Kubernetes API access."""
+
+
+class Condition(Spec):
+    """A status condition (metav1.Condition)."""
+
+    type: str
+    """Condition type: Ready, Running, Succeeded, Failed, Suspended, CheckpointsFailing."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str
+    """CamelCase reason."""
+    message: str = ""
+    """Human message."""
+    last_transition_time: str
+    """When status last changed (RFC 3339)."""
+    observed_generation: int | None = None
+    """metadata.generation the condition was computed from."""
+
+
+class Progress(Spec):
+    """Live training progress, reported by the trainer and relayed by the operator."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps planned."""
+    percent: float | None = None
+    """step / totalSteps x 100."""
+    loss: float | None = None
+    """Latest logged training loss."""
+    learning_rate: float | None = None
+    """Latest learning rate."""
+    tokens_per_second: float | None = None
+    """Real (non-padding) tokens per second."""
+    eta_seconds: float | None = None
+    """Estimated seconds until training ends."""
+    gpu_memory_gib: float | None = None
+    """Peak GPU memory reserved."""
+    updated_at: str | None = None
+    """When the trainer reported this (RFC 3339); older reports never replace newer ones."""
+
+
+class CheckpointStatus(Spec):
+    """The newest complete checkpoint."""
+
+    uri: str
+    """Where it is stored."""
+    step: int
+    """Optimizer step it holds."""
+    time: str
+    """When it became complete (RFC 3339)."""
+
+
+class Artifact(Spec):
+    """An exported file or folder."""
+
+    name: str
+    """What it is: adapter, merged_16bit, gguf-q8_0, samples, ..."""
+    uri: str
+    """Where it is stored."""
+    size_bytes: int
+    """Size in bytes."""
+    sha256: str
+    """SHA-256 of the file (of the manifest for folders)."""
+
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+
+
+class FineTuneJobStatus(Spec):
+    """Observed state, written only by the operator."""
+
+    model_config = {"extra": "allow"}
+
+    phase: Phase | None = None
+    """Pending, Running, Suspended, Succeeded or Failed."""
+    message: str | None = None
+    """What is happening, or on failure what to fix."""
+    observed_generation: int | None = None
+    """metadata.generation this status reflects."""
+    job_name: str | None = None
+    """The batch/v1 Job running the trainer."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Conditions per Kubernetes API conventions."""
+    progress: Progress | None = None
+    """Live training progress."""
+    checkpoint: CheckpointStatus | None = None
+    """Newest complete checkpoint."""
+    preemptions: int = 0
+    """Times the training pod was evicted or preempted and replaced."""
+    artifacts: list[Artifact] = Field(default_factory=list)
+    """Exported artifacts."""
+    start_time: str | None = None
+    """When training first started."""
+    completion_time: str | None = None
+    """When the job succeeded or failed."""
+    summary: dict[str, str | int | float | bool | None] | None = None
+    """The trainer's final summary (from the pod's termination message)."""
+
+
+class FineTuneJob(Spec):
+    """A LoRA fine-tuning job: base model + data in, adapter and GGUF in S3 out."""
+
+    model_config = {"extra": "ignore"}
+
+    api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
