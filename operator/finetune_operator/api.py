@@ -7,7 +7,7 @@ models (`python -m finetune_operator crds`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from finetune_trainer.spec import (
     API_GROUP,
@@ -51,9 +51,11 @@ class ResourceSpec(Spec):
     """GPUs for the pod (requests = limits). 0 trains on the CPU (tiny models, tests)."""
     gpu_resource: str = Field(default="nvidia.com/gpu", max_length=253)
     """Extended resource name of the GPU."""
-    cpu: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    cpu: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
     """CPU request, for example `8` or `500m`; operator default when unset."""
-    memory: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    memory: str | None = Field(
+        default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+    )
     """Memory request and limit, for example `64Gi`; operator default when unset."""
 
 
@@ -67,12 +69,21 @@ class JobStorageSpec(StorageSpec):
     """Delete the job's checkpoints and artifacts when the FineTuneJob is deleted. Kept by default."""
 
 
+IMMUTABLE_FIELDS = ("model", "data", "template", "lora", "training")
+"""The training spec: a running job's checkpoints are only valid for these values."""
+
+# Transition rules (oldSelf) run on update only; spec is required, so oldSelf always exists. One
+# rule per field, so the API server's error names the field that changed.
 _SPEC_RULES = validations(
-    cel(
-        "self.model == oldSelf.model && self.data == oldSelf.data && self.template == oldSelf.template"
-        " && self.lora == oldSelf.lora && self.training == oldSelf.training",
-        "the training spec (model, data, template, lora, training) is immutable; create a new FineTuneJob",
-    ),
+    *(
+        cel(
+            f"self.{name} == oldSelf.{name}",
+            f"{name} is immutable: the training spec (model, data, template, lora, training) cannot"
+            " change once created; create a new FineTuneJob",
+            f".{name}",
+        )
+        for name in IMMUTABLE_FIELDS
+    )
 )
 
 
@@ -87,7 +98,9 @@ class FineTuneJobSpec(TrainingSpec):
     """Trainer image; the operator's default when unset."""
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     """GPUs, CPU and memory."""
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32
+    )
     """Node labels the pod must match (merged over the operator's default)."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Tolerations, for example for tainted GPU nodes."""
@@ -175,7 +188,7 @@ Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 class FineTuneJobStatus(Spec):
     """Observed state, written only by the operator."""
 
-    model_config = {"extra": "allow"}
+    model_config = {"extra": "ignore"}
 
     phase: Phase | None = None
     """Pending, Running, Suspended, Succeeded or Failed."""
@@ -185,7 +198,10 @@ class FineTuneJobStatus(Spec):
     """metadata.generation this status reflects."""
     job_name: str | None = None
     """The batch/v1 Job running the trainer."""
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     """Conditions per Kubernetes API conventions."""
     progress: Progress | None = None
     """Live training progress."""

@@ -26,9 +26,16 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 GgufQuantization = Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
 
 
-def cel(rule: str, message: str) -> dict[str, str]:
-    """One CEL validation rule for the CRD (`x-kubernetes-validations`)."""
-    return {"rule": rule, "message": message}
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One CEL validation rule for the CRD (`x-kubernetes-validations`).
+
+    `field_path` (for example `.format`) makes the API server report the error on that child field
+    instead of on the object the rule is attached to.
+    """
+    rule_ = {"rule": rule, "message": message}
+    if field_path is not None:
+        rule_["fieldPath"] = field_path
+    return rule_
 
 
 def validations(*rules: dict[str, str]) -> dict[str, Any]:
@@ -63,6 +70,9 @@ class SecretKeyRef(Spec):
     """Key inside the Secret."""
 
 
+# A hub id, `name` or `owner/name`. ASCII classes rather than \w: the API server's Go regexp and
+# pydantic's Rust regex disagree on what \w matches beyond ASCII.
+_HUB_ID = r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?$"
 _ONE_SOURCE = "[has(self.hub), has(self.s3), has(self.path)].filter(x, x).size() == 1"
 
 
@@ -73,11 +83,13 @@ class ModelSource(Spec):
         json_schema_extra=validations(cel(_ONE_SOURCE, "set exactly one of hub, s3, path"))
     )
 
-    hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[\w.\-]+(/[\w.\-]+)?$")
+    hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=_HUB_ID)
     """Model id on a Hugging Face-compatible hub, for example `unsloth/Qwen3-8B`."""
-    s3: str | None = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+    s3: str | None = Field(
+        default=None, max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+    )
     """S3 prefix holding a saved model folder (config.json, weights, tokenizer), `s3://bucket/prefix/`."""
-    path: str | None = Field(default=None, min_length=1)
+    path: str | None = Field(default=None, min_length=1, max_length=4096)
     """Local folder holding a saved model (a volume in the pod, or a workstation path)."""
     revision: str | None = Field(default=None, max_length=256)
     """Hub revision (branch, tag or commit) to pin; the default branch when unset."""
@@ -106,16 +118,19 @@ class DataSource(Spec):
         json_schema_extra=validations(cel(_ONE_SOURCE, "set exactly one of hub, s3, path"))
     )
 
-    hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[\w.\-]+(/[\w.\-]+)?$")
+    hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=_HUB_ID)
     """Data set id on a hub, for example `FreedomIntelligence/medical-o1-reasoning-SFT`."""
-    s3: str | None = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+$")
+    s3: str | None = Field(
+        default=None, max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+$"
+    )
     """S3 object with the rows, `s3://bucket/key.jsonl`."""
-    path: str | None = Field(default=None, min_length=1)
+    path: str | None = Field(default=None, min_length=1, max_length=4096)
     """Local file with the rows."""
     config: str | None = Field(default=None, max_length=128)
     """Hub data set configuration (subset), for example `en` or `zh`."""
-    split: str = Field(default="train", max_length=128, pattern=r"^[\w\-]+(\[[0-9%:\s\-]*\])?$")
-    """Split with optional slice, as the `datasets` library reads it: `train`, `train[0:500]`, `train[:10%]`."""
+    split: str = Field(default="train", max_length=128, pattern=r"^[A-Za-z0-9_\-]+(\[[0-9%: \-]*\])?$")
+    """Split with optional slice, as the `datasets` library reads it: `train`, `train[0:500]`,
+    `train[:10%]`."""
     format: DataFormat = "auto"
     """File format for s3/path sources; `auto` picks it from the file extension."""
     token_secret_ref: SecretKeyRef | None = None
@@ -140,8 +155,12 @@ class PromptTemplate(Spec):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.type != 'custom' || has(self.format)", "type custom needs format"),
-            cel("self.type == 'custom' || !has(self.format)", "format is only used with type custom"),
+            cel("self.type != 'custom' || has(self.format)", "type custom needs format", ".format"),
+            cel(
+                "self.type == 'custom' || !has(self.format)",
+                "format is only used with type custom",
+                ".format",
+            ),
         )
     )
 
@@ -149,7 +168,9 @@ class PromptTemplate(Spec):
     """Template family."""
     format: str | None = Field(default=None, min_length=1, max_length=16384)
     """Python format string for type `custom`, for example `### Q: {question}\\n### A: {answer}`."""
-    fields: dict[str, str] = Field(default_factory=dict, max_length=32)
+    fields: dict[str, Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=dict, max_length=32
+    )
     """Placeholder -> data column. For the built-in templates it renames the expected columns, for
     example `{instruction: prompt}` reads the `prompt` column as the instruction."""
     system_prompt: str | None = Field(default=None, max_length=16384)
@@ -177,7 +198,7 @@ class LoraSpec(Spec):
     """Dropout on the LoRA input. 0 lets Unsloth use its fast path."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases are trained."""
-    target_modules: list[str] = Field(
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1, max_length=64
     )
     """Module names that get adapters (all attention and MLP projections by default)."""
@@ -197,10 +218,6 @@ class TrainingArgs(Spec):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel("!(has(self.maxSteps) && has(self.epochs))", "set only one of maxSteps and epochs"),
-            cel(
-                "!has(self.batchSize) || type(self.batchSize) == int || self.batchSize == 'auto'",
-                "batchSize must be a positive integer or 'auto'",
-            ),
         )
     )
 
@@ -217,13 +234,15 @@ class TrainingArgs(Spec):
     """Passes over the data. Exclusive with maxSteps."""
     learning_rate: float = Field(default=2e-4, gt=0, le=1)
     """Peak learning rate."""
-    optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = (
-        "adamw_8bit"
-    )
+    optimizer: Literal[
+        "adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
+    ] = "adamw_8bit"
     """Optimizer (transformers' `optim` names)."""
     weight_decay: float = Field(default=0.01, ge=0, le=1)
     """Decoupled weight decay."""
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"] = "linear"
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"] = (
+        "linear"
+    )
     """Learning-rate schedule after warm-up."""
     seed: int = Field(default=3407, ge=0)
     """Seed for data order and dropout."""
@@ -261,9 +280,9 @@ class CheckpointPolicy(Spec):
     )
 
     every_steps: int | None = Field(default=20, ge=1)
-    """Checkpoint every this many optimizer steps."""
+    """Checkpoint every this many optimizer steps; null turns step-based checkpoints off."""
     every_minutes: float | None = Field(default=15.0, gt=0, le=1440)
-    """Checkpoint when this many minutes have passed since the last one."""
+    """Checkpoint when this many minutes have passed since the last one; null turns timed checkpoints off."""
     keep_last: int = Field(default=2, ge=1, le=100)
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
     grace_period_seconds: int = Field(default=120, ge=10, le=3600)
@@ -280,7 +299,7 @@ class CheckpointPolicy(Spec):
 class HubPush(Spec):
     """Push the exported artifacts to a model hub (off unless set)."""
 
-    repo: str = Field(min_length=1, max_length=256, pattern=r"^[\w.\-]+/[\w.\-]+$")
+    repo: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+$")
     """Target repository, `owner/name`."""
     token_secret_ref: SecretKeyRef
     """Secret key holding a write token."""
@@ -304,7 +323,9 @@ class ExportSpec(Spec):
 class SampleSpec(Spec):
     """Prompts answered by the base model before training and the fine-tuned model after."""
 
-    prompts: list[str] = Field(default_factory=list, max_length=32)
+    prompts: list[Annotated[str, Field(min_length=1, max_length=8192)]] = Field(
+        default_factory=list, max_length=32
+    )
     """Prompts, rendered through the job's template without an answer."""
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
     """Tokens generated per answer (greedy decoding)."""
@@ -325,9 +346,13 @@ class StorageSpec(Spec):
     """Where checkpoints and artifacts go. On the cluster the operator fills unset fields from its
     defaults and appends `<namespace>/<name>/` to the prefix."""
 
-    uri: str | None = Field(default=None, pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|file://.*)$")
+    uri: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|file://.*)$",
+    )
     """`s3://bucket/prefix` or a local folder (a workstation run)."""
-    endpoint: str | None = Field(default=None, pattern=r"^https?://.+")
+    endpoint: str | None = Field(default=None, max_length=512, pattern=r"^https?://.+")
     """S3 endpoint for S3-compatible servers (MinIO, Ceph, R2); AWS when unset."""
     region: str | None = Field(default=None, max_length=64)
     """S3 region."""
