@@ -20,12 +20,12 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -412,6 +412,10 @@ class CheckpointUploader:
     then prunes. Failures are retried with exponential backoff (`backoff`, doubling, at most
     `max_backoff`) up to `max_attempts` times; then the checkpoint is dropped, `failures` counts
     it and training goes on. All public members are safe to call from any thread.
+
+    With `skip_superseded` (the default), a queued checkpoint whose upload has not started when a
+    newer one is submitted is skipped: when S3 is slow or down the backlog stays at one upload in
+    flight and one waiting, instead of staged copies filling the disk.
     """
 
     def __init__(
@@ -426,6 +430,7 @@ class CheckpointUploader:
         staging_dir: Path | None = None,
         on_complete: Callable[[CheckpointRef, float], None] | None = None,
         last_complete: CheckpointRef | None = None,
+        skip_superseded: bool = True,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last: expected >= 1, got {keep_last}")
@@ -437,6 +442,7 @@ class CheckpointUploader:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.skip_superseded = skip_superseded
         self.on_complete = on_complete
         """Called from the worker thread with the new checkpoint and the seconds from submit to
         complete manifest. Exceptions it raises are logged and ignored."""
@@ -444,8 +450,9 @@ class CheckpointUploader:
             staging_dir.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix="checkpoint-staging-", dir=staging_dir))
         self._lock = threading.Condition()
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: deque[_Job] = deque()
         self._pending = 0
+        self._superseded = 0
         self._seq = 0
         self._closed = False
         self._last_complete = last_complete
@@ -475,6 +482,12 @@ class CheckpointUploader:
             return self._last_error
 
     @property
+    def superseded(self) -> int:
+        """Checkpoints skipped because a newer one was submitted before their upload started."""
+        with self._lock:
+            return self._superseded
+
+    @property
     def pending(self) -> int:
         """Submitted checkpoints not yet completed or given up on."""
         with self._lock:
@@ -495,9 +508,11 @@ class CheckpointUploader:
             self._seq += 1
             staged = self._staging / f"{self._seq:06d}-step-{step:08d}"
         shutil.copytree(local_dir, staged, copy_function=_link_or_copy)
+        job = _Job(step, staged, dict(state) if state is not None else None, time.monotonic())
         with self._lock:
             self._pending += 1
-        self._queue.put(_Job(step, staged, dict(state) if state is not None else None, time.monotonic()))
+            self._jobs.append(job)
+            self._lock.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted checkpoint is complete or given up on; False on timeout."""
@@ -508,9 +523,8 @@ class CheckpointUploader:
         """Finish queued uploads (up to `timeout`), stop the worker and remove the staging folder.
         Returns False when uploads were still running at the timeout."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(None)
+            self._closed = True
+            self._lock.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
             return False
@@ -525,17 +539,39 @@ class CheckpointUploader:
 
     # -- worker ------------------------------------------------------------------------------
 
+    def _take(self) -> tuple[_Job | None, list[_Job]]:
+        """The next job to upload (None once closed and drained) and the queued jobs it supersedes."""
+        with self._lock:
+            self._lock.wait_for(lambda: bool(self._jobs) or self._closed)
+            skipped = []
+            while self.skip_superseded and len(self._jobs) > 1:
+                skipped.append(self._jobs.popleft())
+            return (self._jobs.popleft() if self._jobs else None), skipped
+
+    def _finish(self, job: _Job, *, superseded: bool = False) -> None:
+        shutil.rmtree(job.staged, ignore_errors=True)
+        with self._lock:
+            self._pending -= 1
+            self._superseded += superseded
+            self._lock.notify_all()
+
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while True:
+            job, skipped = self._take()
+            for old in skipped:
+                log.warning("checkpoint step %d: skipped, a newer one was submitted before its upload began", old.step)
+                self._finish(old, superseded=True)
+            if job is None:
+                return
             try:
                 self._process(job)
-            except Exception:  # the worker must outlive any bug in one upload
+            except Exception as e:  # the worker must outlive any bug in one upload
                 log.exception("checkpoint step %d: uploader error", job.step)
-            finally:
-                shutil.rmtree(job.staged, ignore_errors=True)
                 with self._lock:
-                    self._pending -= 1
-                    self._lock.notify_all()
+                    self._failures += 1
+                    self._last_error = f"step {job.step}: {type(e).__name__}: {e}"
+            finally:
+                self._finish(job)
 
     def _process(self, job: _Job) -> None:
         prefix = step_prefix(job.step)

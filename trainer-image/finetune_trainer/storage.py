@@ -11,16 +11,18 @@ endpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 from finetune_trainer.errors import ConfigError
@@ -230,7 +232,10 @@ class LocalStore:
             folder = folder.parent
 
     def uri(self, key: str) -> str:
-        return self._path(key).as_uri()
+        """`file://` URI of a key or of a key prefix (a trailing `/` is kept)."""
+        stripped = key.rstrip("/")
+        path = self._path(stripped) if stripped else self.root
+        return path.as_uri() + ("/" if key.endswith("/") else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +255,21 @@ _PERMANENT_CODES = frozenset(
 )
 
 
+_TRANSIENT_CODES = frozenset(
+    {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "InternalError"}
+)
+
+
+_SESSION_LOCK = threading.Lock()
+
+
+@functools.cache
+def _shared_session(boto3: Any) -> Any:
+    """One boto3 session per process: building one loads the service models (a third of a second),
+    and sessions are not thread-safe, so clients are created from it under _SESSION_LOCK."""
+    return boto3.session.Session()
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix/` -> (`bucket`, `some/prefix`)."""
     parsed = urlparse(uri)
@@ -262,6 +282,8 @@ def is_retryable_s3_error(code: str, http_status: int | None) -> bool:
     """Throttling, timeouts and server errors are worth retrying; auth and missing buckets are not."""
     if code in _PERMANENT_CODES:
         return False
+    if code in _TRANSIENT_CODES:
+        return True
     if http_status is None:
         return True
     return http_status >= 500 or http_status in (408, 429)
@@ -301,14 +323,15 @@ class S3Store:
         self.upload_attempts = upload_attempts
         self.backoff = backoff
         config = Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             # S3-compatible servers (MinIO, Ceph, moto) are addressed by path, not by bucket DNS name.
             s3={"addressing_style": "path"} if endpoint else {},
         )
-        session = boto3.session.Session()
-        self._client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        with _SESSION_LOCK:
+            session = _shared_session(boto3)
+            self._client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
