@@ -1,0 +1,263 @@
+"""Everything after training: adapter, merged 16-bit model, GGUF files verified in llama.cpp,
+Ollama Modelfiles, before/after samples, optional hub push (docs/export.md).
+
+Export runs as stages. After each one `export/state.json` in the store records it with its artifact
+records; a pod that replaces a preempted one skips every stage whose artifacts are still in the
+store with the recorded size and sha256, and runs the rest. Stage order (`plan_stages`):
+
+  adapter -> merged -> gguf-f16 -> gguf-bf16 / gguf-q8_0 / ... -> samples -> push
+
+`merged` produces the HF reference (greedy tokens and answers of the merged model) that the GGUF
+stages are checked against, so no later stage needs the HF model again. The f16 GGUF is built
+whenever any GGUF is asked for: it is the quantizer's input and the file the greedy check runs on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune_trainer import artifacts as art
+from finetune_trainer import gguf, samples
+from finetune_trainer.gguf import ExportError
+from finetune_trainer.modelfile import modelfile_for
+
+if TYPE_CHECKING:
+    from finetune_trainer.spec import ExportSpec, TrainingSpec
+    from finetune_trainer.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+VERIFY_PROMPT = "Hello"
+"""Prompt for the GGUF checks when the job has no sample prompts."""
+
+__all__ = ["ExportError", "generate_samples", "plan_stages", "run_export"]
+generate_samples = samples.generate_samples
+
+
+def plan_stages(export: ExportSpec, has_prompts: bool) -> list[str]:
+    """Stages this export runs, in order."""
+    stages = ["adapter"]
+    if export.merged_16bit or export.gguf or has_prompts:
+        stages.append("merged")
+    if export.gguf:
+        stages.append("gguf-f16")
+        stages += [f"gguf-{q}" for q in dict.fromkeys(export.gguf) if q != "f16"]
+    if has_prompts:
+        stages.append("samples")
+    if export.push is not None:
+        stages.append("push")
+    return stages
+
+
+class Export:
+    """One export run: the stage functions and what they share (paths, tokenizer, lazy inputs)."""
+
+    def __init__(
+        self, spec: TrainingSpec, base_dir: Path, adapter_dir: Path, store: ObjectStore, workdir: Path, engine: str
+    ) -> None:
+        self.spec, self.base_dir, self.adapter_dir = spec, base_dir, adapter_dir
+        self.store, self.engine = store, engine
+        self.out = workdir / "artifacts"  # mirrors the store's artifacts/ (what push uploads)
+        self.build = workdir / "build"  # intermediates that are not artifacts
+        self.state = art.load_state(store)
+        self.prompts = spec.samples.prompts or [VERIFY_PROMPT]
+        self.n_text = spec.samples.max_new_tokens
+        self.n_gen = max(self.n_text, spec.export.verify_tokens)
+        self._tokenizer: Any = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        return self._tokenizer
+
+    def local(self, key: str) -> Path:
+        return self.out / key.removeprefix(art.ARTIFACTS_PREFIX)
+
+    def stage_verified(self, stage: str) -> bool:
+        """Did a previous run finish `stage`, with its artifacts still intact in the store?"""
+        record = self.state["stages"].get(stage)
+        if record is None:
+            return False
+        for a in record["artifacts"]:
+            ok = art.verify_folder(self.store, a) if a["key"].endswith("/") else art.verify_file(
+                self.store, a, self.local(a["key"])
+            )
+            if not ok:
+                log.warning("export: %s recorded as done but %s changed in the store; redoing it", stage, a["uri"])
+                return False
+        return True
+
+    def run(self) -> list[dict[str, Any]]:
+        stages: dict[str, Callable[[], dict[str, Any]]] = {
+            "adapter": self.adapter,
+            "merged": self.merged,
+            "samples": self.write_samples,
+            "push": self.push,
+        }
+        for stage in plan_stages(self.spec.export, bool(self.spec.samples.prompts)):
+            if self.stage_verified(stage):
+                log.info("export: %s already done (verified in the store), skipped", stage)
+                continue
+            started = time.monotonic()
+            fn = stages.get(stage) or (lambda s=stage: self.gguf_stage(s.removeprefix("gguf-")))
+            record = fn()
+            seconds = time.monotonic() - started
+            self.state = art.with_stage(self.state, stage, record, seconds)
+            art.save_state(self.store, self.state)
+            log.info("export: %s done in %.1fs", stage, seconds)
+        return [art.public(a) for s in self.state["stages"].values() for a in s["artifacts"]]
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def adapter(self) -> dict[str, Any]:
+        folder = self.local(art.ARTIFACTS_PREFIX + "adapter/")
+        if folder.resolve() != self.adapter_dir.resolve():
+            shutil.copytree(self.adapter_dir, folder, dirs_exist_ok=True)
+        return {"artifacts": [art.upload_folder(self.store, "adapter", "artifacts/adapter/", folder)]}
+
+    def merged_dir(self) -> Path:
+        return self.local("artifacts/merged_16bit/") if self.spec.export.merged_16bit else self.build / "merged"
+
+    def merged(self) -> dict[str, Any]:
+        import torch
+
+        out = self.merged_dir()
+        shutil.rmtree(out, ignore_errors=True)
+        model = _merge(self.base_dir, self.adapter_dir, out, self.engine)
+        tok = self.tokenizer
+        prompt_ids = [samples.encode_prompt(tok, p) for p in samples.rendered_prompts(self.spec.template, self.prompts, tok)]
+        reference = [samples.greedy_ids(model, tok, ids, self.n_gen) for ids in prompt_ids]
+        after = [tok.decode(ids[: self.n_text], skip_special_tokens=True) for ids in reference]
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        artifacts = []
+        if self.spec.export.merged_16bit:
+            artifacts.append(art.upload_folder(self.store, "merged_16bit", "artifacts/merged_16bit/", out))
+        return {"artifacts": artifacts, "promptIds": prompt_ids, "reference": reference, "after": after}
+
+    def local_merged(self) -> Path:
+        """The merged folder for the converter: this run's, the stored artifact, or merged again."""
+        out = self.merged_dir()
+        if (out / "config.json").is_file():
+            return out
+        stored = [a for a in self.state["stages"]["merged"]["artifacts"] if a["name"] == "merged_16bit"]
+        if stored:
+            art.download_folder(self.store, stored[0], out)
+        else:
+            _merge(self.base_dir, self.adapter_dir, out, self.engine)  # the model itself is not needed
+        return out
+
+    def gguf_path(self, quant: str) -> Path:
+        name = gguf.gguf_filename(quant)
+        return self.local(art.ARTIFACTS_PREFIX + name) if quant in self.spec.export.gguf else self.build / name
+
+    def local_f16(self) -> Path:
+        """The f16 GGUF (quantizer input): this run's, the stored artifact (downloaded and verified
+        by stage_verified), or converted again."""
+        path = self.gguf_path("f16")
+        if not path.is_file():
+            gguf.convert(self.local_merged(), path, "f16")
+        return path
+
+    def gguf_stage(self, quant: str) -> dict[str, Any]:
+        path = self.gguf_path(quant)
+        if quant in gguf.CONVERTER_TYPES:
+            path.unlink(missing_ok=True)
+            gguf.convert(self.local_merged(), path, quant)
+        else:
+            gguf.quantize(self.local_f16(), path, quant)
+        merged = self.state["stages"]["merged"]
+        results = gguf.generate(path, merged["promptIds"], self.n_gen, gpu=self.engine == "cuda")
+        record: dict[str, Any] = {"answers": [self.gguf_text(ids) for ids in results]}
+        if quant == "f16" and self.spec.export.verify_tokens:
+            gguf.check_greedy_match(
+                self.prompts,
+                merged["reference"],
+                results,
+                self.spec.export.verify_tokens,
+                self.tokenizer.convert_ids_to_tokens,
+            )
+            record["verifiedTokens"] = self.spec.export.verify_tokens
+        artifacts = []
+        if quant in self.spec.export.gguf:
+            artifacts.append(art.upload_file(self.store, f"gguf-{quant}", f"artifacts/{path.name}", path))
+            artifacts.append(self.modelfile(quant, path.name))
+        return {"artifacts": artifacts, **record}
+
+    def gguf_text(self, ids: list[int]) -> str:
+        """A GGUF's answer decoded by the HF tokenizer, like the merged model's (same token budget)."""
+        return self.tokenizer.decode(ids[: self.n_text], skip_special_tokens=True)
+
+    def modelfile(self, quant: str, gguf_name: str) -> dict[str, Any]:
+        tok = self.tokenizer
+        text = modelfile_for(self.spec.template, gguf_name, tok.eos_token, samples.chat_renderer(tok))
+        path = self.local(f"artifacts/model-{quant}.Modelfile")
+        path.write_text(text)
+        return art.upload_file(self.store, f"modelfile-{quant}", f"artifacts/{path.name}", path)
+
+    def write_samples(self) -> dict[str, Any]:
+        stages = self.state["stages"]
+        gguf_answers = {
+            name.removeprefix("gguf-"): s["answers"] for name, s in stages.items() if name.startswith("gguf-")
+        }
+        records = samples.samples_document(
+            self.spec.samples.prompts, samples.load_before(self.store), stages["merged"]["after"], gguf_answers
+        )
+        js, md = self.local("artifacts/samples.json"), self.local("artifacts/samples.md")
+        js.write_text(json.dumps(records, indent=1, ensure_ascii=False))
+        md.write_text(samples.samples_markdown(records))
+        return {
+            "artifacts": [
+                art.upload_file(self.store, "samples-json", "artifacts/samples.json", js),
+                art.upload_file(self.store, "samples-md", "artifacts/samples.md", md),
+            ]
+        }
+
+    def push(self) -> dict[str, Any]:
+        from finetune_trainer.hubpush import push_folder
+
+        push = self.spec.export.push
+        assert push is not None  # plan_stages adds push only when set
+        for stage in self.state["stages"].values():
+            for a in stage["artifacts"]:
+                local = self.local(a["key"])
+                if a["key"].endswith("/") and not local.is_dir():
+                    art.download_folder(self.store, a, local)
+                elif not a["key"].endswith("/") and not local.is_file():
+                    self.store.get_file(a["key"], local)
+        commit = push_folder(self.out, push, os.environ)
+        log.info("export: pushed to %s", push.repo)
+        return {"artifacts": [], "repo": push.repo, "commit": commit}
+
+
+def _merge(base_dir: Path, adapter_dir: Path, out: Path, engine: str) -> Any:
+    from finetune_trainer.merge import merge_adapter
+
+    return merge_adapter(base_dir, adapter_dir, out, "cuda" if engine == "cuda" else "cpu")
+
+
+def run_export(
+    spec: TrainingSpec, base_model_dir: Path, adapter_dir: Path, store: ObjectStore, workdir: Path, engine: str
+) -> list[dict[str, Any]]:
+    """Run (or resume) the export of a trained adapter; returns the artifacts as
+    `{name, uri, sizeBytes, sha256}` in stage order. Raises ExportError (greedy mismatch, conversion
+    failure) and ConfigError (bad push settings)."""
+    if engine not in ("cuda", "cpu"):
+        raise ValueError(f"engine: expected 'cuda' or 'cpu', got {engine!r}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Export(spec, Path(base_model_dir), Path(adapter_dir), store, Path(workdir), engine).run()
