@@ -59,8 +59,9 @@ _KEPT = (
 class _Defaults(GenerateJsonSchema):
     """pydantic leaves `default_factory` defaults out of the schema; the CRD needs them.
 
-    A nested model's default becomes `{}`: the API server then fills that object's own defaults,
-    which gives the same object as the model's factory (a test checks this).
+    A nested model's default is written out in full rather than as `{}`: the API server checks a
+    default against the object's CEL rules before filling the nested defaults, so `{}` would fail
+    rules such as `self.type != 'custom' || ...` (type is only there once defaulted).
     """
 
     def get_default_value(self, schema: Any) -> Any:
@@ -68,7 +69,9 @@ class _Defaults(GenerateJsonSchema):
         if factory is None or schema.get("default_factory_takes_data"):
             return super().get_default_value(schema)
         value = factory()
-        return {} if isinstance(value, BaseModel) else value
+        if isinstance(value, BaseModel):
+            return value.model_dump(by_alias=True, mode="json", exclude_none=True)
+        return value
 
 
 def json_schema(model: type[BaseModel]) -> Schema:

@@ -53,6 +53,7 @@ VALID: dict[str, dict[str, Any]] = {
     "batch size auto": {"training": {"batchSize": "auto"}},
     "timed checkpoints only": {"checkpoint": {"everySteps": None, "everyMinutes": 5}},
     "explicit null turns step checkpoints off": {"checkpoint": {"everySteps": None}},
+    "zero turns step checkpoints off": {"checkpoint": {"everySteps": 0}},
     "gguf off, hub push": {
         "export": {
             "gguf": [],
@@ -85,7 +86,7 @@ INVALID: dict[str, tuple[dict[str, Any], str, str]] = {
     "custom template without format": ({"template": {"type": "custom"}}, "template", "template.format"),
     "format without custom": ({"template": {"format": "{q}"}}, "template", "template.format"),
     "checkpoint with neither trigger": (
-        {"checkpoint": {"everySteps": None, "everyMinutes": None}},
+        {"checkpoint": {"everySteps": 0, "everyMinutes": None}},
         "checkpoint",
         "everySteps, everyMinutes",
     ),
@@ -127,6 +128,12 @@ def test_trainer_refuses_the_same_specs(case: str) -> None:
     with pytest.raises(ValidationError) as caught:
         TrainingSpec.model_validate(merged(patch))
     assert where in locations(caught.value)
+
+
+def test_zero_turns_a_checkpoint_trigger_off() -> None:
+    """0 and null both mean off; the trainer sees None either way."""
+    spec = FineTuneJobSpec.model_validate(merged({"checkpoint": {"everySteps": 0, "everyMinutes": 5}}))
+    assert (spec.checkpoint.every_steps, spec.checkpoint.every_minutes) == (None, 5)
 
 
 def test_a_whole_manifest_reads_as_a_job() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "finetune.dev"
@@ -275,24 +275,36 @@ class CheckpointPolicy(Spec):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("has(self.everySteps) || has(self.everyMinutes)", "set everySteps, everyMinutes or both"),
+            cel(
+                "(has(self.everySteps) && self.everySteps > 0)"
+                " || (has(self.everyMinutes) && self.everyMinutes > 0)",
+                "set everySteps, everyMinutes or both to more than 0",
+            ),
         )
     )
 
-    every_steps: int | None = Field(default=20, ge=1)
-    """Checkpoint every this many optimizer steps; null turns step-based checkpoints off."""
-    every_minutes: float | None = Field(default=15.0, gt=0, le=1440)
-    """Checkpoint when this many minutes have passed since the last one; null turns timed checkpoints off."""
+    every_steps: int | None = Field(default=20, ge=0)
+    """Checkpoint every this many optimizer steps; 0 (or null) turns step-based checkpoints off."""
+    every_minutes: float | None = Field(default=15.0, ge=0, le=1440)
+    """Checkpoint when this many minutes have passed since the last one; 0 (or null) turns timed
+    checkpoints off."""
     keep_last: int = Field(default=2, ge=1, le=100)
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
     grace_period_seconds: int = Field(default=120, ge=10, le=3600)
     """Time from SIGTERM to exit: the trainer finishes the step, checkpoints and uploads within it.
     The operator sets the pod's terminationGracePeriodSeconds a little above this."""
 
+    @field_validator("every_steps", "every_minutes")
+    @classmethod
+    def _zero_is_off(cls, value: float | None) -> float | None:
+        # 0 is how a manifest says "off": `kubectl apply` treats null as "remove the field", and the
+        # API server then fills the default back in. In Python "off" is None either way.
+        return value or None
+
     @model_validator(mode="after")
     def _some_trigger(self) -> CheckpointPolicy:
         if self.every_steps is None and self.every_minutes is None:
-            raise ValueError("checkpoint: set everySteps, everyMinutes or both")
+            raise ValueError("checkpoint: set everySteps, everyMinutes or both to more than 0")
         return self
 
 
