@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from s3server import TEST_CREDENTIALS, start_moto_server
 
 pytestmark = pytest.mark.slow
@@ -31,14 +30,16 @@ CORPUS = [
 
 
 def build_tokenizer(folder: Path) -> None:
-    """A SentencePiece tokenizer.model (llama.cpp reads it directly) plus a LlamaTokenizer config."""
+    """A SentencePiece tokenizer.model (what llama.cpp's converter reads) and the same vocabulary as
+    a LlamaTokenizer (BPE with byte fallback), built from the model with the sentencepiece library
+    (transformers' own conversion needs protobuf)."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS * 20),
         model_prefix=str(folder / "sp"),
-        vocab_size=96,
+        vocab_size=320,
         model_type="bpe",
         character_coverage=1.0,
         byte_fallback=True,
@@ -50,7 +51,14 @@ def build_tokenizer(folder: Path) -> None:
     )
     (folder / "sp.model").rename(folder / "tokenizer.model")
     (folder / "sp.vocab").unlink()
-    LlamaTokenizer(vocab_file=str(folder / "tokenizer.model"), legacy=False).save_pretrained(folder)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece in sorted(vocab, key=vocab.__getitem__):  # a merge's rank is its result's id
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        pairs = sorted((vocab[a], vocab[b], a, b) for a, b in splits if a in vocab and b in vocab)
+        merges += [(a, b) for _, _, a, b in pairs]
+    LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, legacy=False).save_pretrained(folder)
 
 
 def train_steps(model: Any, tokenizer: Any, texts: list[str], steps: int, lr: float) -> None:
@@ -143,9 +151,8 @@ def job_spec(base: Path, endpoint: str, prefix: str, **export: Any) -> Any:
 
 def record_before(spec: Any, base: Path, store: Any) -> None:
     """What the trainer does before its first step."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from finetune_trainer.samples import record_before as record
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     record(spec, AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base), store)
 
@@ -158,16 +165,19 @@ def state_of(client: Any, prefix: str) -> dict[str, Any]:
     return json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/export/state.json")["Body"].read())
 
 
-def test_export_adapter_merged_and_verified_gguf_to_s3(tiny: tuple[Path, Path], s3: Any, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
+def test_export_adapter_merged_and_verified_gguf_to_s3(
+    tiny: tuple[Path, Path], s3: Any, tmp_path: Path
+) -> None:
     from finetune_trainer.export import run_export
     from finetune_trainer.gguf import generate
     from finetune_trainer.storage import open_store
+    from safetensors.torch import load_file
 
     base, adapter = tiny
     endpoint, client = s3
-    spec = job_spec(base, endpoint, "job-a", merged_16bit=True, gguf=["f16", "q8_0", "q4_k_m"], verifyTokens=16)
+    spec = job_spec(
+        base, endpoint, "job-a", merged_16bit=True, gguf=["f16", "q8_0", "q4_k_m"], verifyTokens=16
+    )
     store = open_store(spec.storage, tmp_path / "unused")
     record_before(spec, base, store)
 
@@ -279,7 +289,10 @@ def test_export_killed_mid_way_resumes_without_redoing_finished_stages(
     after = state_of(client, "job-b")["stages"]
     for stage in ("adapter", "merged", "gguf-f16"):
         assert after[stage] == before[stage], f"{stage} was redone"
-    assert client.head_object(Bucket=BUCKET, Key="job-b/artifacts/model-f16.gguf")["LastModified"] == f16_modified
+    assert (
+        client.head_object(Bucket=BUCKET, Key="job-b/artifacts/model-f16.gguf")["LastModified"]
+        == f16_modified
+    )
     assert {"gguf-q8_0", "samples"} <= set(after)
     q8 = next(a for a in artifacts if a["name"] == "gguf-q8_0")
     assert q8["sha256"] == s3_sha256(client, "job-b/artifacts/model-q8_0.gguf")
@@ -292,7 +305,9 @@ def _stages_or_empty(client: Any, prefix: str) -> dict[str, Any]:
         return {}
 
 
-def test_push_is_off_by_default_and_never_leaks_the_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_push_is_off_by_default_and_never_leaks_the_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import socket
 
     from finetune_trainer.gguf import ExportError

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.modelfile import modelfile_for, ollama_template, render_modelfile, stop_strings
 from finetune_trainer.spec import PromptTemplate
@@ -22,7 +21,8 @@ def test_r1_template_ends_in_an_open_think_block() -> None:
 
 
 @pytest.mark.xfail(
-    raises=TypeError, reason="templates.render_prompt passes the first placeholder twice to str.format (reported)"
+    raises=TypeError,
+    reason="templates.render_prompt passes the first placeholder twice to str.format (reported)",
 )
 def test_custom_template_stops_before_the_answer() -> None:
     template = PromptTemplate(type="custom", format="Q: {question}\nA: {answer}")
@@ -48,5 +48,5 @@ def test_stop_values_are_quoted_and_deduplicated() -> None:
 
 
 def test_a_template_with_triple_quotes_is_refused() -> None:
-    with pytest.raises(ConfigError, match='spec.template'):
+    with pytest.raises(ConfigError, match=r"spec\.template"):
         render_modelfile("m.gguf", 'a """ b', [])

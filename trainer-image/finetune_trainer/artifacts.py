@@ -7,6 +7,7 @@ folder's `sha256` is the sha256 of that file and its `sizeBytes` the total of th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -88,8 +89,6 @@ def verify_folder(store: ObjectStore, record: dict[str, Any]) -> bool:
         sums = store.get_bytes(prefix + SUMS_NAME)
     except ObjectNotFound:
         return False
-    import hashlib
-
     if hashlib.sha256(sums).hexdigest() != record["sha256"]:
         return False
     listed = {o.key[len(prefix) :]: o.size for o in store.list(prefix) if o.key != prefix + SUMS_NAME}
@@ -117,7 +116,11 @@ def load_state(store: ObjectStore) -> dict[str, Any]:
 
 def with_stage(state: dict[str, Any], stage: str, record: dict[str, Any], seconds: float) -> dict[str, Any]:
     """`state` with `stage` finished (a new dict; the caller stores it)."""
-    finished = {**record, "seconds": round(seconds, 3), "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    finished = {
+        **record,
+        "seconds": round(seconds, 3),
+        "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return {**state, "stages": {**state["stages"], stage: finished}}
 
 

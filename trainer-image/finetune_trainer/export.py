@@ -61,7 +61,14 @@ class Export:
     """One export run: the stage functions and what they share (paths, tokenizer, lazy inputs)."""
 
     def __init__(
-        self, spec: TrainingSpec, base_dir: Path, adapter_dir: Path, store: ObjectStore, workdir: Path, engine: str
+        self,
+        *,
+        spec: TrainingSpec,
+        base_dir: Path,
+        adapter_dir: Path,
+        store: ObjectStore,
+        workdir: Path,
+        engine: str,
     ) -> None:
         self.spec, self.base_dir, self.adapter_dir = spec, base_dir, adapter_dir
         self.store, self.engine = store, engine
@@ -92,11 +99,15 @@ class Export:
         if record is None:
             return False
         for a in record["artifacts"]:
-            ok = art.verify_folder(self.store, a) if a["key"].endswith("/") else art.verify_file(
-                self.store, a, self.local(a["key"])
+            ok = (
+                art.verify_folder(self.store, a)
+                if a["key"].endswith("/")
+                else art.verify_file(self.store, a, self.local(a["key"]))
             )
             if not ok:
-                log.warning("export: %s recorded as done but %s changed in the store; redoing it", stage, a["uri"])
+                log.warning(
+                    "export: %s recorded as done but %s changed in the store; redoing it", stage, a["uri"]
+                )
                 return False
         return True
 
@@ -129,7 +140,9 @@ class Export:
         return {"artifacts": [art.upload_folder(self.store, "adapter", "artifacts/adapter/", folder)]}
 
     def merged_dir(self) -> Path:
-        return self.local("artifacts/merged_16bit/") if self.spec.export.merged_16bit else self.build / "merged"
+        return (
+            self.local("artifacts/merged_16bit/") if self.spec.export.merged_16bit else self.build / "merged"
+        )
 
     def merged(self) -> dict[str, Any]:
         import torch
@@ -138,7 +151,10 @@ class Export:
         shutil.rmtree(out, ignore_errors=True)
         model = _merge(self.base_dir, self.adapter_dir, out, self.engine)
         tok = self.tokenizer
-        prompt_ids = [samples.encode_prompt(tok, p) for p in samples.rendered_prompts(self.spec.template, self.prompts, tok)]
+        prompt_ids = [
+            samples.encode_prompt(tok, p)
+            for p in samples.rendered_prompts(self.spec.template, self.prompts, tok)
+        ]
         reference = [samples.greedy_ids(model, tok, ids, self.n_gen) for ids in prompt_ids]
         after = [tok.decode(ids[: self.n_text], skip_special_tokens=True) for ids in reference]
         del model
@@ -164,7 +180,9 @@ class Export:
 
     def gguf_path(self, quant: str) -> Path:
         name = gguf.gguf_filename(quant)
-        return self.local(art.ARTIFACTS_PREFIX + name) if quant in self.spec.export.gguf else self.build / name
+        return (
+            self.local(art.ARTIFACTS_PREFIX + name) if quant in self.spec.export.gguf else self.build / name
+        )
 
     def local_f16(self) -> Path:
         """The f16 GGUF (quantizer input): this run's, the stored artifact (downloaded and verified
@@ -216,7 +234,10 @@ class Export:
             name.removeprefix("gguf-"): s["answers"] for name, s in stages.items() if name.startswith("gguf-")
         }
         records = samples.samples_document(
-            self.spec.samples.prompts, samples.load_before(self.store), stages["merged"]["after"], gguf_answers
+            self.spec.samples.prompts,
+            samples.load_before(self.store),
+            stages["merged"]["after"],
+            gguf_answers,
         )
         js, md = self.local("artifacts/samples.json"), self.local("artifacts/samples.md")
         js.write_text(json.dumps(records, indent=1, ensure_ascii=False))
@@ -252,7 +273,12 @@ def _merge(base_dir: Path, adapter_dir: Path, out: Path, engine: str) -> Any:
 
 
 def run_export(
-    spec: TrainingSpec, base_model_dir: Path, adapter_dir: Path, store: ObjectStore, workdir: Path, engine: str
+    spec: TrainingSpec,
+    base_model_dir: Path,
+    adapter_dir: Path,
+    store: ObjectStore,
+    workdir: Path,
+    engine: str,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the export of a trained adapter; returns the artifacts as
     `{name, uri, sizeBytes, sha256}` in stage order. Raises ExportError (greedy mismatch, conversion
@@ -260,4 +286,11 @@ def run_export(
     if engine not in ("cuda", "cpu"):
         raise ValueError(f"engine: expected 'cuda' or 'cpu', got {engine!r}")
     workdir.mkdir(parents=True, exist_ok=True)
-    return Export(spec, Path(base_model_dir), Path(adapter_dir), store, Path(workdir), engine).run()
+    return Export(
+        spec=spec,
+        base_dir=Path(base_model_dir),
+        adapter_dir=Path(adapter_dir),
+        store=store,
+        workdir=Path(workdir),
+        engine=engine,
+    ).run()
