@@ -272,7 +272,7 @@ def _merge(base_dir: Path, adapter_dir: Path, out: Path, engine: str) -> Any:
     return merge_adapter(base_dir, adapter_dir, out, "cuda" if engine == "cuda" else "cpu")
 
 
-def run_export(
+def run_export(  # noqa: PLR0917  (positional: the trainer's call contract)
     spec: TrainingSpec,
     base_model_dir: Path,
     adapter_dir: Path,
