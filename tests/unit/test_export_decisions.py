@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from finetune_trainer.artifacts import empty_state, parse_sums, with_stage
 from finetune_trainer.export import plan_stages
 from finetune_trainer.gguf import ExportError, check_greedy_match, first_mismatch

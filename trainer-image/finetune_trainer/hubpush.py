@@ -27,7 +27,8 @@ def push_folder(folder: Path, push: HubPush, env: Mapping[str, str]) -> str:
     token = env.get(PUSH_TOKEN_ENV, "")
     if not token:
         raise ConfigError(
-            "spec.export.push.tokenSecretRef", f"expected a hub token in the environment variable {PUSH_TOKEN_ENV}"
+            "spec.export.push.tokenSecretRef",
+            f"expected a hub token in the environment variable {PUSH_TOKEN_ENV}",
         )
     try:
         from huggingface_hub import HfApi
@@ -36,7 +37,11 @@ def push_folder(folder: Path, push: HubPush, env: Mapping[str, str]) -> str:
     api = HfApi(endpoint=env.get("HF_ENDPOINT") or None, token=token)
     try:
         api.create_repo(push.repo, private=push.private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=push.repo, commit_message="finetune-operator export")
+        info = api.upload_folder(
+            folder_path=str(folder), repo_id=push.repo, commit_message="finetune-operator export"
+        )
     except Exception as e:  # the client raises many types; none may carry the token out
-        raise ExportError(f"push to {push.repo} failed: {type(e).__name__}: {redact(str(e), token)}") from None
+        raise ExportError(
+            f"push to {push.repo} failed: {type(e).__name__}: {redact(str(e), token)}"
+        ) from None
     return str(info)

@@ -40,7 +40,9 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, device: str)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(base_dir)
-    dtype = getattr(torch, merged_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)))
+    dtype = getattr(
+        torch, merged_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    )
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map=device)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model = model.to(dtype)

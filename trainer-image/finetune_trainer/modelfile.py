@@ -44,7 +44,9 @@ def _quoted(value: str) -> str:
 def render_modelfile(gguf_filename: str, template_text: str, stops: list[str]) -> str:
     """The Modelfile text. Greedy decoding (temperature 0) is what the export verified."""
     if '"""' in template_text:
-        raise ConfigError("spec.template", 'the rendered template contains """, which a Modelfile cannot quote')
+        raise ConfigError(
+            "spec.template", 'the rendered template contains """, which a Modelfile cannot quote'
+        )
     lines = [f"FROM ./{gguf_filename}", f'TEMPLATE """{template_text}"""']
     lines += [f"PARAMETER stop {_quoted(s)}" for s in stops]
     lines.append("PARAMETER temperature 0")
