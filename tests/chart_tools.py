@@ -18,19 +18,20 @@ RELEASE = "ftop"
 NAMESPACE = "finetune-system"
 
 
-def helm() -> str:
-    """$HELM, else the cache's helm (built on first use), else one on PATH."""
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
+def kube_binary(name: str) -> str:
+    """A binary of hack/cluster-bins.sh's cache (helm, kubectl, ...), built on first use."""
     cache = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
-    built = cache / f"k8s-{KUBE_VERSION}" / "bin" / "helm"
+    built = cache / f"k8s-{KUBE_VERSION}" / "bin" / name
     if not built.exists() and shutil.which("go"):
         subprocess.run([REPO / "hack" / "cluster-bins.sh"], check=True)
-    if built.exists():
-        return str(built)
-    if shutil.which("helm"):
-        return shutil.which("helm")
-    pytest.fail("helm not found: run hack/cluster-bins.sh (needs go) or set HELM")
+    if not built.exists():
+        pytest.fail(f"{name} not found in {built.parent}: run hack/cluster-bins.sh (needs go)")
+    return str(built)
+
+
+def helm() -> str:
+    """$HELM, else the cache's helm."""
+    return os.environ.get("HELM") or kube_binary("helm")
 
 
 def run_helm(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
