@@ -8,11 +8,10 @@ import re
 import typing
 from pathlib import Path
 
+import lupa  # a real Lua runtime (dev group); Argo CD's own tests run these cases in gopher-lua
 import pytest
 import yaml
 from finetune_operator.api import FineTuneJob, Phase
-
-lupa = pytest.importorskip("lupa", reason="lupa (a real Lua runtime) is in the dev group: run `make venv`")
 
 REPO = Path(__file__).resolve().parents[2]
 CHECK = REPO / "deploy" / "argocd" / "resource_customizations" / "finetune.dev" / "FineTuneJob"
