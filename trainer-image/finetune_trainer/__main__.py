@@ -1,0 +1,62 @@
+"""`python -m finetune_trainer run|preflight JOB.yaml`: the same job.yaml as on the cluster."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from finetune_trainer import logs
+from finetune_trainer.errors import EXIT_CONFIG_ERROR, ConfigError
+
+log = logging.getLogger("finetune_trainer")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m finetune_trainer", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="preflight, train (resuming from the newest checkpoint), export")
+    run.add_argument("job", help="FineTuneJob manifest or its bare spec (YAML)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pre = sub.add_parser("preflight", help="check tokenizer, data and template; print length figures")
+    pre.add_argument("job", help="FineTuneJob manifest or its bare spec (YAML)")
+    for command in (run, pre):
+        command.add_argument("--log-format", default="auto", choices=["auto", "json", "text"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    json_lines = logs.setup({"auto": None, "json": True, "text": False}[args.log_format])
+    from finetune_trainer.jobfile import load_job
+
+    try:
+        job = load_job(args.job)
+    except ConfigError as e:
+        log.error("config error: %s", e, extra={"fields": {"field": e.field}})
+        return EXIT_CONFIG_ERROR
+    if args.command == "preflight":
+        return _preflight(job)
+    from finetune_trainer.runner import run
+
+    return run(job, args.device, json_lines)
+
+
+def _preflight(job: object) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from finetune_trainer import preflight
+
+    with tempfile.TemporaryDirectory(prefix="finetune-preflight-") as tmp:
+        try:
+            checked = preflight.check(job.spec, Path(tmp), tokenizer_only=True)  # type: ignore[attr-defined]
+        except ConfigError as e:
+            log.error("config error: %s", e, extra={"fields": {"field": e.field}})
+            return EXIT_CONFIG_ERROR
+    print(preflight.report(checked.data.stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Model engines: Unsloth on CUDA, transformers + PEFT + bitsandbytes on the CPU.
+
+Both return a PEFT model with the same LoRA knobs, so checkpoints (HF Trainer checkpoints of a
+PEFT model) look the same. Unsloth is imported only on the CUDA path: importing it needs a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.spec import ModelSource, StorageSpec, TrainingSpec
+
+log = logging.getLogger(__name__)
+
+Device = Literal["cpu", "cuda"]
+
+
+def detect_device(requested: str = "auto") -> Device:
+    """`auto` -> cuda when torch sees a GPU, else cpu; `cuda` without a GPU is a ConfigError."""
+    import torch
+
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError("--device", f"expected auto, cpu or cuda, got {requested!r}")
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise ConfigError("--device", "cuda requested but torch sees no GPU")
+    if requested == "cpu" or not has_cuda:
+        return "cpu"
+    return "cuda"
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def resolve_model_source(
+    model: ModelSource, storage: StorageSpec, workdir: Path, tokenizer_only: bool = False
+) -> str:
+    """What `from_pretrained` gets: the hub id, the local folder, or the S3 prefix downloaded to
+    workdir (without the weights when only the tokenizer is needed, as in preflight)."""
+    if model.hub:
+        return model.hub
+    if model.path:
+        path = Path(model.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError("spec.model.path", f"{path} holds no saved model (no config.json)")
+        return str(path)
+    return str(_download_model(model.s3 or "", storage, workdir / "base-model", tokenizer_only))
+
+
+def _download_model(uri: str, storage: StorageSpec, target: Path, tokenizer_only: bool) -> Path:
+    from finetune_trainer.storage import S3Store
+
+    store = S3Store(uri.rstrip("/"), endpoint=storage.endpoint, region=storage.region)
+    objects = store.list("")
+    if not any(o.key == "config.json" for o in objects):
+        raise ConfigError("spec.model.s3", f"{uri} holds no saved model (no config.json)")
+    for obj in objects:
+        if tokenizer_only and obj.key.endswith(WEIGHT_SUFFIXES):
+            continue
+        dest = target / obj.key
+        if not (dest.is_file() and dest.stat().st_size == obj.size):
+            store.get_file(obj.key, dest)
+    log.info("base model downloaded from %s (%d files)", uri, len(objects))
+    return target
+
+
+def local_model_dir(source: str, revision: str | None) -> Path:
+    """The folder holding the base model's files: `source` itself, or the hub cache's snapshot
+    that loading the model has already filled."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, revision=revision, token=hub_token(), local_files_only=True))
+
+
+def hub_token() -> str | None:
+    """A hub token the operator passes from the job's Secret (`HF_TOKEN`); never logged."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+def load_tokenizer(spec: TrainingSpec, source: str) -> Any:
+    """The base model's tokenizer, with a pad token (Llama tokenizers have none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source,
+            revision=spec.model.revision,
+            trust_remote_code=spec.model.trust_remote_code,
+            token=hub_token(),
+        )
+    except OSError as e:
+        raise ConfigError(_model_field(spec.model), f"cannot load the tokenizer from {source}: {e}") from None
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def _model_field(model: ModelSource) -> str:
+    return "spec.model.hub" if model.hub else "spec.model.s3" if model.s3 else "spec.model.path"
+
+
+def load(spec: TrainingSpec, device: Device, source: str) -> tuple[Any, Any]:
+    """(PEFT model ready to train, tokenizer) on `device`."""
+    if device == "cuda":
+        from finetune_trainer.engines import cuda
+
+        return cuda.load(spec, source)
+    from finetune_trainer.engines import cpu
+
+    return cpu.load(spec, source)

@@ -1,0 +1,135 @@
+"""Reading a job file: a whole FineTuneJob manifest (what goes to the cluster) or its bare spec.
+
+The trainer validates only the training part (`TrainingSpec`). The fields that only Kubernetes
+needs are accepted and dropped here, so the very same job.yaml runs on a workstation; a test keeps
+the lists below equal to what `finetune_operator.api` adds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, TrainingSpec
+
+KUBERNETES_ONLY_FIELDS = frozenset(
+    {
+        "image",
+        "resources",
+        "nodeSelector",
+        "tolerations",
+        "priorityClassName",
+        "queueName",
+        "suspend",
+        "activeDeadlineSeconds",
+        "backoffLimit",
+        "serviceAccountName",
+    }
+)
+"""Top-level spec fields the operator reads and the trainer ignores."""
+
+KUBERNETES_ONLY_STORAGE_FIELDS = frozenset({"credentialsSecret", "deleteOnJobDeletion"})
+"""spec.storage fields the operator reads and the trainer ignores."""
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAMED = re.compile(r"^([A-Za-z][\w.]*): (.+)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A loaded job: the training spec and, for a manifest, its metadata name and namespace."""
+
+    spec: TrainingSpec
+    name: str | None = None
+    namespace: str | None = None
+
+
+def load_job(path: str | Path) -> Job:
+    """Read and validate a job file; every problem becomes a ConfigError naming the field."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError("job", f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("job", f"{path} is not valid YAML: {e}") from None
+    return parse_job(doc)
+
+
+def parse_job(doc: Any) -> Job:
+    """Validate a parsed job document (manifest or bare spec)."""
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            "job", f"expected a FineTuneJob manifest or its spec (a mapping), got {type(doc).__name__}"
+        )
+    name = namespace = None
+    if "kind" in doc or "apiVersion" in doc or "spec" in doc:
+        expected_api = f"{API_GROUP}/{API_VERSION}"
+        if doc.get("apiVersion") != expected_api:
+            raise ConfigError("apiVersion", f"expected {expected_api}, got {doc.get('apiVersion')!r}")
+        if doc.get("kind") != KIND:
+            raise ConfigError("kind", f"expected {KIND}, got {doc.get('kind')!r}")
+        metadata = doc.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ConfigError("metadata", "expected a mapping")
+        name, namespace = metadata.get("name"), metadata.get("namespace")
+        spec = doc.get("spec")
+        if not isinstance(spec, dict):
+            raise ConfigError("spec", "expected a mapping with at least model and data")
+    else:
+        spec = doc
+    try:
+        training = TrainingSpec.model_validate(training_part(spec))
+    except ValidationError as e:
+        raise config_error(e, prefix="spec") from None
+    return Job(spec=training, name=name, namespace=namespace)
+
+
+def training_part(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec without the Kubernetes-only fields (a new dict; the input is not changed)."""
+    out = {k: v for k, v in spec.items() if k not in KUBERNETES_ONLY_FIELDS}
+    storage = out.get("storage")
+    if isinstance(storage, dict):
+        out["storage"] = {k: v for k, v in storage.items() if k not in KUBERNETES_ONLY_STORAGE_FIELDS}
+    return out
+
+
+def field_path(loc: tuple[int | str, ...], prefix: str) -> str:
+    """`('lora', 'r')` -> `spec.lora.r`; list indices as `[i]`; pydantic's union-member tags dropped."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _IDENTIFIER.match(part) and part not in ("int", "str", "float", "bool"):
+            path += f".{part}"
+    return path
+
+
+def config_error(error: ValidationError, prefix: str) -> ConfigError:
+    """The first validation problem as a ConfigError; the others are listed in its message."""
+    problems = [_problem(e, prefix) for e in error.errors()]
+    field, message = problems[0]
+    if len(problems) > 1:
+        others = "; ".join(f"{f}: {m}" for f, m in problems[1:])
+        message += f" (also {others})"
+    return ConfigError(field, message)
+
+
+def _problem(error: Any, prefix: str) -> tuple[str, str]:
+    """(field path, message). Model validators word their messages `template.format: ...`; that
+    names the field more precisely than pydantic's location, so it is used when it extends it."""
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return field_path(loc, prefix), "unknown field"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    named = _NAMED.match(message)
+    if loc and named and named.group(1).split(".")[0] == loc[-1]:
+        return field_path(loc[:-1], prefix) + "." + named.group(1), named.group(2)
+    return field_path(loc, prefix), message

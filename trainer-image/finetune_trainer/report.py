@@ -1,0 +1,143 @@
+"""Push progress to the operator: how the status gets live figures without the pod having any
+Kubernetes API access.
+
+When FINETUNE_REPORT_URL is set, a daemon thread POSTs the progress snapshot every
+FINETUNE_REPORT_INTERVAL seconds (default 10), and at once when `poke()` is called (a checkpoint
+completed, training finished). Each report carries a strictly increasing `sequence` and
+`reportedAt`, so the operator can drop a report that arrives after a newer one. The bearer token is
+read from FINETUNE_REPORT_TOKEN_FILE on every send (projected ServiceAccount tokens are rotated on
+disk). Failures are logged at most once a minute and never stop training; the token never appears
+in a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 10.0
+FAILURE_LOG_INTERVAL = 60.0
+TIMEOUT = 5.0
+
+
+def build_report(
+    snapshot: dict[str, Any], sequence: int, job: dict[str, str | None], now: datetime
+) -> dict[str, Any]:
+    """The JSON body of one report."""
+    return {
+        **snapshot,
+        "job": job,
+        "sequence": sequence,
+        "reportedAt": now.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+class Reporter:
+    """The push client; `close()` sends a last report (the final phase) and stops the thread."""
+
+    def __init__(
+        self,
+        url: str,
+        snapshot: Callable[[], dict[str, Any]],
+        job: dict[str, str | None],
+        interval: float = DEFAULT_INTERVAL,
+        token_file: str | None = None,
+    ) -> None:
+        self.url = url
+        self.snapshot = snapshot
+        self.job = job
+        self.interval = interval
+        self.token_file = token_file
+        self.sequence = 0
+        self.sent = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._send_lock = threading.Lock()
+        self._last_failure_log = -FAILURE_LOG_INTERVAL
+        self._thread = threading.Thread(target=self._loop, name="progress-report", daemon=True)
+
+    def start(self) -> Reporter:
+        self._thread.start()
+        return self
+
+    def poke(self) -> None:
+        """Send soon, without waiting for the interval."""
+        self._wake.set()
+
+    def close(self, timeout: float = TIMEOUT) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self.send_once()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.send_once()
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def send_once(self) -> bool:
+        """One POST; True when the operator accepted it."""
+        with self._send_lock:
+            self.sequence += 1
+            body = build_report(self.snapshot(), self.sequence, self.job, datetime.now(UTC))
+            request = urllib.request.Request(
+                self.url, data=json.dumps(body).encode(), method="POST", headers=self._headers()
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                    response.read()
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                self._failed(e)
+                return False
+            self.sent += 1
+            return True
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.token_file:
+            try:
+                headers["Authorization"] = "Bearer " + Path(self.token_file).read_text().strip()
+            except OSError as e:
+                self._failed(OSError(f"cannot read the token file {self.token_file}: {e.strerror}"))
+        return headers
+
+    def _failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_failure_log >= FAILURE_LOG_INTERVAL:
+            self._last_failure_log = now
+            # HTTPError's str() is the status line, never the request headers, so no token leaks.
+            log.warning("progress report to %s failed (training goes on): %s", self.url, _describe(error))
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return f"{error.reason}"
+    return f"{type(error).__name__}: {error}"
+
+
+def reporter_from_env(snapshot: Callable[[], dict[str, Any]], job: dict[str, str | None]) -> Reporter | None:
+    """A started Reporter when FINETUNE_REPORT_URL is set, else None."""
+    url = os.environ.get("FINETUNE_REPORT_URL")
+    if not url:
+        return None
+    try:
+        interval = float(os.environ.get("FINETUNE_REPORT_INTERVAL", DEFAULT_INTERVAL))
+    except ValueError:
+        interval = DEFAULT_INTERVAL
+    token_file = os.environ.get("FINETUNE_REPORT_TOKEN_FILE") or None
+    log.info("reporting progress to %s every %.0fs", url, interval)
+    return Reporter(url, snapshot, job, max(1.0, interval), token_file).start()

@@ -1,0 +1,270 @@
+"""`run`: preflight, engine, resume, train, export, summary; returns the process exit code.
+
+Exit codes: 0 done; EXIT_CONFIG_ERROR (78) the spec or data is wrong (the operator fails the Job
+at once); EXIT_INTERRUPTED (143) stopped by SIGTERM after checkpointing (a new pod resumes); 1 any
+other error (the Job's backoffLimit retries it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer import batching, checkpoints, engines, preflight, summary
+from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ConfigError
+from finetune_trainer.jobfile import Job
+from finetune_trainer.progress import Metrics, ProgressState, port_from_env, start_server
+from finetune_trainer.report import reporter_from_env
+from finetune_trainer.signals import StopRequest, grace_margin
+from finetune_trainer.storage import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+FINAL_UPLOAD_TIMEOUT = 1800.0
+"""Seconds to wait for the last checkpoint's upload after a finished run."""
+
+
+@dataclass
+class Context:
+    """What the phases of a run share."""
+
+    job: Job
+    workdir: Path
+    stop: StopRequest
+    progress: ProgressState
+    metrics: Metrics
+    json_lines: bool
+    poke: Callable[[], None] = lambda: None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def workdir_from_env() -> tuple[Path, bool]:
+    """(FINETUNE_WORKDIR or a fresh temporary folder, whether it is temporary)."""
+    configured = os.environ.get("FINETUNE_WORKDIR")
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        return path, False
+    return Path(tempfile.mkdtemp(prefix="finetune-")), True
+
+
+def default_store_root(job: Job) -> Path:
+    """Where a run without spec.storage.uri keeps checkpoints and artifacts: ./out/<job name>."""
+    return Path.cwd() / "out" / (job.name or "job")
+
+
+def run(job: Job, device_request: str = "auto", json_lines: bool = True) -> int:
+    workdir, temporary = workdir_from_env()
+    progress, metrics, stop = ProgressState(), Metrics(), StopRequest()
+    stop.install()
+    server = start_server(progress, metrics, port_from_env())
+    reporter = reporter_from_env(progress.snapshot, {"name": job.name, "namespace": job.namespace})
+    ctx = Context(
+        job, workdir, stop, progress, metrics, json_lines, reporter.poke if reporter else lambda: None
+    )
+    started = time.monotonic()
+    try:
+        code = _run(ctx, device_request)
+    except ConfigError as e:
+        log.error("config error: %s", e, extra={"fields": {"field": e.field}})
+        ctx.result.update(exitReason="config-error", message=str(e))
+        code = EXIT_CONFIG_ERROR
+    except Exception as e:
+        log.exception("training failed")
+        ctx.result.update(exitReason="error", message=f"{type(e).__name__}: {e}")
+        code = 1
+    phase = {0: "Succeeded", EXIT_INTERRUPTED: "Interrupted"}.get(code, "Failed")
+    progress.update(phase=phase)
+    ctx.result["wallSeconds"] = round(time.monotonic() - started, 1)
+    written = summary.write(build_summary(ctx, progress.snapshot()))
+    log.info("summary written to %s", written)
+    if reporter is not None:
+        reporter.close()
+    if server is not None:
+        server.close()
+    if temporary:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+def _run(ctx: Context, device_request: str) -> int:
+    spec = ctx.job.spec
+    ctx.progress.update(phase="Preflight")
+    checked = preflight.check(spec, ctx.workdir)
+    stats = checked.data.stats
+    log.info("preflight ok", extra={"fields": {"event": "preflight", **stats.as_dict()}})
+    device = engines.detect_device(device_request)
+    lengths = [len(ids) for ids in checked.data.dataset["input_ids"]]
+    plan = batching.plan(spec, lengths, device, _free_gpu_gib(device), checked.model_source)
+    store = open_store(spec.storage, default_store_root(ctx.job))
+    extra = (
+        {"batchSize": plan.batch_size, "gradientAccumulationSteps": plan.gradient_accumulation_steps}
+        if spec.training.batch_size == "auto"
+        else None
+    )
+    fingerprint = checkpoints.config_fingerprint(spec, extra)
+    resumed = checkpoints.resolve_resume(store, fingerprint, ctx.workdir / "resume")
+    resume_dir, resume_ref = resumed if resumed else (None, None)
+    if resume_ref is not None:
+        log.info(
+            "resuming from %s (step %d)",
+            resume_ref.uri,
+            resume_ref.step,
+            extra={"fields": {"event": "resume", "step": resume_ref.step, "uri": resume_ref.uri}},
+        )
+        ctx.progress.update(resumed_from_step=resume_ref.step, checkpoint=_checkpoint_status(resume_ref))
+    else:
+        log.info(
+            "no checkpoint of this config in %s: training from the start",
+            store.uri(checkpoints.ROOT),
+            extra={"fields": {"event": "resume", "step": None}},
+        )
+    ctx.result["resumedFromStep"] = resume_ref.step if resume_ref else None
+    if ctx.stop.is_set():
+        ctx.result["exitReason"] = "interrupted"
+        return EXIT_INTERRUPTED
+
+    ctx.progress.update(phase="Loading")
+    model, tokenizer = engines.load(spec, device, checked.model_source)
+
+    def on_complete(ref: checkpoints.CheckpointRef, seconds: float) -> None:
+        ctx.progress.update(checkpoint=_checkpoint_status(ref))
+        ctx.metrics.checkpoint_upload.observe(seconds)
+        ctx.poke()
+
+    uploader = checkpoints.CheckpointUploader(
+        store,
+        fingerprint,
+        spec.checkpoint.keep_last,
+        staging_dir=ctx.workdir / "staging",
+        on_complete=on_complete,
+        last_complete=resume_ref,
+    )
+    from finetune_trainer.train import train
+
+    try:
+        outcome = train(
+            spec,
+            model,
+            tokenizer,
+            checked.data.dataset,
+            plan=plan,
+            device=device,
+            output_dir=ctx.workdir / "checkpoints",
+            uploader=uploader,
+            stop=ctx.stop,
+            progress=ctx.progress,
+            metrics=ctx.metrics,
+            json_lines=ctx.json_lines,
+            resume_dir=resume_dir,
+        )
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+        ctx.result.update(
+            steps=outcome.steps,
+            totalSteps=outcome.total_steps,
+            finalLoss=outcome.final_loss,
+            tokens=outcome.tokens,
+            trainSeconds=round(outcome.train_seconds, 2),
+            tokensPerSecond=round(outcome.tokens / outcome.train_seconds, 1)
+            if outcome.train_seconds
+            else None,
+            peakGpuMemoryGiB=_peak_gpu_gib(device),
+        )
+        if outcome.interrupted:
+            return _interrupted(ctx, uploader)
+        ctx.progress.update(phase="Exporting")
+        adapter_dir = ctx.workdir / "adapter"
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        base_dir = engines.local_model_dir(checked.model_source, spec.model.revision)
+        artifacts = export_artifacts(
+            spec, base_dir, adapter_dir, store, workdir=ctx.workdir / "export", device=device
+        )
+        ctx.result["artifacts"] = artifacts
+        ctx.result["adapterUri"] = next((a["uri"] for a in artifacts if a["name"] == "adapter"), None)
+        if not uploader.wait(FINAL_UPLOAD_TIMEOUT):
+            log.warning("the final checkpoint is still uploading after %.0fs", FINAL_UPLOAD_TIMEOUT)
+        ctx.result["exitReason"] = "completed"
+        log.info(
+            "adapter: %s", ctx.result["adapterUri"], extra={"fields": {"event": "done", **_brief(ctx.result)}}
+        )
+        return 0
+    finally:
+        _record_checkpoint(ctx, uploader)
+        uploader.close(timeout=5)
+
+
+def _interrupted(ctx: Context, uploader: checkpoints.CheckpointUploader) -> int:
+    grace = ctx.job.spec.checkpoint.grace_period_seconds
+    budget = ctx.stop.remaining(grace, grace_margin(grace))
+    log.info("waiting up to %.1fs for the checkpoint upload", budget)
+    if not uploader.wait(budget):
+        log.error("checkpoint upload did not finish within the grace period; the next pod resumes earlier")
+    ctx.result["exitReason"] = "interrupted"
+    return EXIT_INTERRUPTED
+
+
+def _record_checkpoint(ctx: Context, uploader: checkpoints.CheckpointUploader) -> None:
+    ref = uploader.last_complete
+    ctx.result["checkpointUri"] = ref.uri if ref else None
+    ctx.result["checkpointStep"] = ref.step if ref else None
+    ctx.result["checkpointFailures"] = uploader.failures
+    if uploader.last_error:
+        ctx.result["checkpointError"] = uploader.last_error
+
+
+def _checkpoint_status(ref: checkpoints.CheckpointRef) -> dict[str, Any]:
+    return {"uri": ref.uri, "step": ref.step, "time": ref.manifest.get("created_at")}
+
+
+def export_artifacts(
+    spec: Any, base_dir: Path, adapter_dir: Path, store: ObjectStore, *, workdir: Path, device: str
+) -> list[dict[str, Any]]:
+    """Adapter, merged model, GGUF, samples (export.py); resumes a half-done export of this job."""
+    from finetune_trainer.export import run_export
+
+    return run_export(spec, base_dir, adapter_dir, store, workdir, device)
+
+
+def build_summary(ctx: Context, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The termination-message summary: scalar figures first, artifacts last (trimmed first)."""
+    result = dict(ctx.result)
+    result.setdefault("steps", snapshot["step"])
+    result.setdefault("finalLoss", snapshot["loss"])
+    result["peakHostMemoryGiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    result["finishedAt"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    artifacts = result.pop("artifacts", None)
+    if artifacts is not None:
+        result["artifacts"] = artifacts
+    return result
+
+
+def _brief(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "artifacts"}
+
+
+def _free_gpu_gib(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+def _peak_gpu_gib(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_reserved() / 2**30, 2)

@@ -1,0 +1,168 @@
+"""Prompt templates: how a data row becomes training text, and a sample prompt becomes a prompt.
+
+Pure functions; the tokenizer enters only through `eos_token` and, for `chat`, a callable that
+applies the tokenizer's chat template. `fields` maps a template placeholder to the data column that
+fills it, so `{instruction: prompt}` reads the `prompt` column as the instruction.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.spec import PromptTemplate
+
+ChatRenderer = Callable[[list[dict[str, str]], bool], str]
+"""(messages, add_generation_prompt) -> text; in practice `tokenizer.apply_chat_template`."""
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+R1_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. "
+    "Before answering, think carefully about the question and create a step-by-step chain of thoughts "
+    "to ensure a logical and accurate response."
+)
+
+ALPACA_COLUMNS = {"instruction": "instruction", "input": "input", "output": "output"}
+R1_COLUMNS = {"question": "Question", "cot": "Complex_CoT", "response": "Response"}
+CHAT_COLUMNS = {"messages": "messages"}
+OPTIONAL_PLACEHOLDERS = {"alpaca": frozenset({"input"})}
+"""Placeholders whose column may be absent (Alpaca data sets often have no `input`)."""
+
+
+def placeholders(template: PromptTemplate) -> dict[str, str]:
+    """Placeholder -> column for this template, with `fields` applied."""
+    if template.type == "custom":
+        defaults = {name: name for name in custom_placeholders(template.format or "")}
+    else:
+        defaults = {"alpaca": ALPACA_COLUMNS, "r1-reasoning": R1_COLUMNS, "chat": CHAT_COLUMNS}[template.type]
+    unknown = sorted(set(template.fields) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            "spec.template.fields",
+            f"{', '.join(unknown)} is not a placeholder of template {template.type}; "
+            f"expected some of {', '.join(defaults)}",
+        )
+    return {name: template.fields.get(name, column) for name, column in defaults.items()}
+
+
+def custom_placeholders(fmt: str) -> list[str]:
+    """Named placeholders of a custom format string, in order of first use."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as e:
+        raise ConfigError("spec.template.format", f"not a valid format string: {e}") from None
+    for _text, name, _spec, _conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ConfigError(
+                "spec.template.format",
+                f"placeholder {{{name}}}: expected a plain name such as {{question}} (no positions, "
+                "indexes or attributes)",
+            )
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ConfigError("spec.template.format", "expected at least one {placeholder}")
+    return names
+
+
+def check_columns(template: PromptTemplate, columns: Iterable[str]) -> None:
+    """Refuse data that lacks a column the template reads, naming what exists."""
+    present = set(columns)
+    optional = OPTIONAL_PLACEHOLDERS.get(template.type, frozenset())
+    for name, column in placeholders(template).items():
+        if column not in present and name not in optional:
+            raise ConfigError(
+                "spec.template.fields",
+                f"template {template.type} reads column {column!r} (placeholder {name}) but the data has "
+                f"only: {', '.join(sorted(present)) or 'no columns'}; map it with "
+                f"spec.template.fields.{name}",
+            )
+
+
+def render_row(
+    template: PromptTemplate,
+    row: Mapping[str, Any],
+    eos_token: str | None,
+    chat: ChatRenderer | None = None,
+) -> str:
+    """The training text of one row (with EOS when addEos)."""
+    columns = placeholders(template)
+    values = {name: _text(row.get(column)) for name, column in columns.items() if template.type != "chat"}
+    if template.type == "alpaca":
+        text = _alpaca(template, values["instruction"], values["input"], values["output"])
+    elif template.type == "r1-reasoning":
+        text = _r1(template, values["question"]) + f"{values['cot']}\n</think>\n{values['response']}"
+    elif template.type == "chat":
+        messages = _messages(template, row.get(columns["messages"]), columns["messages"])
+        text = _require_chat(chat)(messages, False)
+    else:
+        text = (template.format or "").format(**values)
+    if template.add_eos and eos_token and not text.endswith(eos_token):
+        text += eos_token
+    return text
+
+
+def render_prompt(template: PromptTemplate, prompt: str, chat: ChatRenderer | None = None) -> str:
+    """A sample prompt rendered the way training rows are, up to where the answer starts.
+
+    custom: the prompt fills the first placeholder and the text ends before the last one.
+    """
+    if template.type == "alpaca":
+        return _alpaca(template, prompt, "", "")
+    if template.type == "r1-reasoning":
+        return _r1(template, prompt)
+    if template.type == "chat":
+        return _require_chat(chat)(_with_system(template, [{"role": "user", "content": prompt}]), True)
+    fmt = template.format or ""
+    names = custom_placeholders(fmt)
+    if len(names) > 1:
+        fmt = fmt[: fmt.index("{" + names[-1])]
+    return fmt.format(**{**dict.fromkeys(names, ""), names[0]: prompt})
+
+
+def _alpaca(template: PromptTemplate, instruction: str, input_: str, output: str) -> str:
+    preamble = template.system_prompt if template.system_prompt is not None else ALPACA_PREAMBLE
+    return f"{preamble}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input_}\n\n### Response:\n{output}"
+
+
+def _r1(template: PromptTemplate, question: str) -> str:
+    """Everything up to and including the opening `<think>` line (the Unsloth R1 tutorial's layout)."""
+    preamble = template.system_prompt if template.system_prompt is not None else R1_PREAMBLE
+    return f"{preamble}\n\n### Question:\n{question}\n\n### Response:\n<think>\n"
+
+
+def _messages(template: PromptTemplate, value: Any, column: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not all(
+        isinstance(m, Mapping) and "role" in m and "content" in m for m in value
+    ):
+        raise ConfigError(
+            "spec.template.fields",
+            f"template chat: column {column!r} must hold a list of {{role, content}} messages, "
+            f"got {type(value).__name__}",
+        )
+    return _with_system(template, [{"role": str(m["role"]), "content": _text(m["content"])} for m in value])
+
+
+def _with_system(template: PromptTemplate, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    if template.system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": template.system_prompt}, *messages]
+
+
+def _require_chat(chat: ChatRenderer | None) -> ChatRenderer:
+    if chat is None:
+        raise ConfigError("spec.template.type", "chat needs a tokenizer with a chat template")
+    return chat
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)

@@ -1,0 +1,409 @@
+"""The training loop: TRL's SFTTrainer with the spec's knobs, plus callbacks for the checkpoint
+policy (every N steps / M minutes, on SIGTERM, at the end), progress, and real token counts.
+
+Checkpoints are ordinary HF Trainer checkpoints of the PEFT model (the same on both engines). Each
+one is handed to the CheckpointUploader as soon as it is written and the local copy is deleted;
+resuming is `trainer.train(resume_from_checkpoint=...)`, which restores optimizer, scheduler, RNG
+states and the data position, so the resumed steps repeat the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer.batching import BatchPlan
+from finetune_trainer.progress import Metrics, ProgressState
+from finetune_trainer.signals import StopRequest
+from finetune_trainer.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_decision(
+    step: int,
+    max_steps: int,
+    *,
+    every_steps: int | None,
+    every_minutes: float | None,
+    minutes_since_save: float,
+    stop_requested: bool,
+) -> tuple[bool, bool]:
+    """(save, stop) at the end of optimizer step `step`.
+
+    Stop requested: save and stop. The last step: save (a pod that dies during export resumes at
+    the end instead of retraining). Otherwise save every `every_steps` steps or when
+    `every_minutes` have passed since the last save.
+    """
+    if stop_requested:
+        return True, True
+    if max_steps > 0 and step >= max_steps:
+        return True, False
+    if every_steps is not None and step % every_steps == 0:
+        return True, False
+    return every_minutes is not None and minutes_since_save >= every_minutes, False
+
+
+def resolve_precision(precision: str, device: str, bf16_supported: bool) -> str:
+    """`auto` -> bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if device != "cuda":
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def cpu_optimizer(optimizer: str) -> str:
+    """bitsandbytes' 8-bit optimizers need CUDA; on the CPU the same AdamW runs in 32-bit."""
+    return "adamw_torch" if optimizer in ("adamw_8bit", "paged_adamw_8bit") else optimizer
+
+
+class StepMeter:
+    """Per-optimizer-step sums of real tokens and loss, fed from `training_step`.
+
+    Tensors are summed on their device and read once per step, so counting adds no GPU sync per
+    micro-batch. Tokens are non-padding tokens (the attention mask's sum), never batch x length.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: Any = 0
+        self._loss: Any = 0.0
+        self.total_tokens = 0
+
+    def add_batch(self, inputs: dict[str, Any]) -> None:
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            count = mask.sum()
+        else:  # padding-free batches have no padding and no mask
+            ids = inputs.get("input_ids")
+            count = ids.numel() if ids is not None else 0
+        with self._lock:
+            self._tokens = self._tokens + count
+
+    def add_loss(self, loss: Any) -> None:
+        with self._lock:
+            self._loss = self._loss + loss.detach()
+
+    def take(self) -> tuple[int, float]:
+        """(tokens, summed loss) since the last call; the loss sum is what HF logs as `loss`."""
+        with self._lock:
+            tokens, loss = self._tokens, self._loss
+            self._tokens, self._loss = 0, 0.0
+        tokens = int(tokens.item() if hasattr(tokens, "item") else tokens)
+        self.total_tokens += tokens
+        return tokens, float(loss.item() if hasattr(loss, "item") else loss)
+
+
+@dataclass
+class TrainOutcome:
+    interrupted: bool
+    steps: int
+    total_steps: int
+    final_loss: float | None
+    tokens: int
+    train_seconds: float
+
+
+def sft_config(spec: TrainingSpec, plan: BatchPlan, device: str, output_dir: Path, precision: str) -> Any:
+    """TRL's SFTConfig for the job. Saving is driven by CheckpointCallback, never by a strategy."""
+    from trl import SFTConfig
+
+    t = spec.training
+    max_steps = t.resolved_max_steps
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        warmup_steps=t.warmup_steps,
+        max_steps=max_steps if max_steps is not None else -1,
+        num_train_epochs=t.epochs if t.epochs is not None else 1.0,
+        learning_rate=t.learning_rate,
+        optim=t.optimizer if device == "cuda" else cpu_optimizer(t.optimizer),
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        seed=t.seed,
+        data_seed=t.seed,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device != "cuda",
+        packing=t.packing,
+        max_length=spec.model.max_seq_length,
+        # The engines turn activation checkpointing on themselves (Unsloth's offloaded variant on CUDA).
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=["wandb"] if spec.tracking.type == "wandb" else "none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+class _Callback:
+    """TrainerCallback's interface without importing transformers at module import (Unsloth must be
+    imported first on CUDA): events a subclass does not handle are no-ops."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_"):
+            return _ignore
+        raise AttributeError(name)
+
+
+def _ignore(*_: Any, **__: Any) -> None:
+    return None
+
+
+class CheckpointCallback(_Callback):
+    """Applies the checkpoint policy and hands each saved checkpoint to the uploader."""
+
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        *,
+        stop: StopRequest,
+        uploader: Any,
+        meter_state: dict[str, Any],
+        progress: ProgressState,
+        metrics: Metrics,
+    ) -> None:
+        self.policy = spec.checkpoint
+        self.stop = stop
+        self.uploader = uploader
+        self.meter_state = meter_state
+        self.progress = progress
+        self.metrics = metrics
+        self.last_save = time.monotonic()
+        self.saved: list[int] = []
+        self.failures_seen = 0
+
+    def _count_failures(self) -> None:
+        """Mirror the uploader's failures (reset to 0 by a success) into a monotonic counter."""
+        failures = self.uploader.failures
+        if failures > self.failures_seen:
+            self.metrics.checkpoint_failures.inc(failures - self.failures_seen)
+        self.failures_seen = failures
+        self.progress.update(checkpoint_failures=failures)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.last_save = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._count_failures()
+        save, halt = checkpoint_decision(
+            state.global_step,
+            state.max_steps,
+            every_steps=self.policy.every_steps,
+            every_minutes=self.policy.every_minutes,
+            minutes_since_save=(time.monotonic() - self.last_save) / 60.0,
+            stop_requested=self.stop.is_set(),
+        )
+        control.should_save = control.should_save or save
+        control.should_training_stop = control.should_training_stop or halt
+
+    def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            log.error("checkpoint folder %s was not written; not uploaded", folder)
+            return
+        self.uploader.submit(
+            state.global_step,
+            folder,
+            state={
+                "globalStep": state.global_step,
+                "epoch": state.epoch,
+                "loss": self.meter_state.get("loss"),
+            },
+        )
+        shutil.rmtree(folder, ignore_errors=True)  # staged by the uploader; no local copy kept
+        self.last_save = time.monotonic()
+        self.saved.append(state.global_step)
+        log.info("checkpoint at step %d saved, uploading in the background", state.global_step)
+
+
+class ProgressCallback(_Callback):
+    """Step, loss, learning rate, tokens/s and ETA: into ProgressState, and out as a tqdm bar on a
+    terminal or one JSON log line per logging step otherwise."""
+
+    def __init__(
+        self, progress: ProgressState, meter: StepMeter, json_lines: bool, device: str, metrics: Metrics
+    ) -> None:
+        self.progress = progress
+        self.meter = meter
+        self.json_lines = json_lines
+        self.device = device
+        self.metrics = metrics
+        self.meter_state: dict[str, Any] = {}
+        self.bar: Any = None
+        self.first_step: int = 0
+        self.started = time.monotonic()
+        self.window_tokens = 0
+        self.window_start = time.monotonic()
+        self.window_loss = 0.0
+        self.window_steps = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.first_step = state.global_step
+        self.started = self.window_start = time.monotonic()
+        self.progress.update(phase="Training", total_steps=state.max_steps, step=state.global_step)
+        if not self.json_lines:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", file=sys.stderr)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        tokens, loss = self.meter.take()
+        self.window_tokens += tokens
+        self.window_loss += loss
+        self.window_steps += 1
+        done = state.global_step - self.first_step
+        per_step = (time.monotonic() - self.started) / max(1, done)
+        self.progress.update(
+            step=state.global_step,
+            tokens=self.meter.total_tokens,
+            eta_seconds=round(per_step * max(0, state.max_steps - state.global_step), 1),
+            gpu_memory_gib=_gpu_memory_gib(self.device),
+        )
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any
+    ) -> None:
+        if not logs or "loss" not in logs or self.window_steps == 0:
+            return
+        elapsed = max(1e-9, time.monotonic() - self.window_start)
+        loss = self.window_loss / self.window_steps
+        tokens_per_second = round(self.window_tokens / elapsed, 1)
+        self.meter_state["loss"] = loss
+        self.progress.update(
+            loss=loss, learning_rate=logs.get("learning_rate"), tokens_per_second=tokens_per_second
+        )
+        snapshot = self.progress.snapshot()
+        self.metrics.observe(snapshot)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
+        else:
+            log.info(
+                "progress",
+                extra={
+                    "fields": {
+                        "event": "progress",
+                        "step": state.global_step,
+                        "total": state.max_steps,
+                        "loss": loss,
+                        "lr": logs.get("learning_rate"),
+                        "gradNorm": logs.get("grad_norm"),
+                        "epoch": state.epoch,
+                        "tokens": self.meter.total_tokens,
+                        "tokensPerSecond": tokens_per_second,
+                        "etaSeconds": snapshot["etaSeconds"],
+                        "gpuMemoryGiB": snapshot["gpuMemoryGiB"],
+                    }
+                },
+            )
+        self.window_tokens, self.window_loss, self.window_steps = 0, 0.0, 0
+        self.window_start = time.monotonic()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _gpu_memory_gib(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+
+
+def train(
+    spec: TrainingSpec,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    plan: BatchPlan,
+    device: str,
+    output_dir: Path,
+    uploader: Any,
+    stop: StopRequest,
+    progress: ProgressState,
+    metrics: Metrics,
+    json_lines: bool,
+    resume_dir: Path | None,
+) -> TrainOutcome:
+    """Run SFTTrainer to the end or until `stop` is set; the last checkpoint is submitted either way."""
+    import torch
+    from transformers import PrinterCallback, Trainer
+    from transformers import ProgressCallback as HFProgressCallback
+    from trl import SFTTrainer  # after the engine: Unsloth patches TRL when it is imported
+
+    bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
+    precision = resolve_precision(spec.training.precision, device, bf16_ok)
+    args = sft_config(spec, plan, device, output_dir, precision)
+    meter = StepMeter()
+
+    class MeteredSFTTrainer(SFTTrainer):
+        """SFTTrainer that counts each micro-batch's real tokens and loss as it trains on it."""
+
+        def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
+            meter.add_batch(inputs)
+            loss = super().training_step(model, inputs, *rest, **kw)
+            meter.add_loss(loss)
+            return loss
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
+            # TRL 1.15 computes the loss through a fused LM head whose kernels are Triton, GPU only.
+            # On the CPU the model's own causal-LM loss is the same sum of token NLLs over
+            # num_items_in_batch; TRL's extra metrics (entropy, token accuracy) are skipped.
+            if device == "cuda":
+                return super().compute_loss(model, inputs, *rest, **kw)
+            return Trainer.compute_loss(self, model, inputs, *rest, **kw)
+
+    progress_cb = ProgressCallback(progress, meter, json_lines, device, metrics)
+    checkpoint_cb = CheckpointCallback(
+        spec,
+        stop=stop,
+        uploader=uploader,
+        meter_state=progress_cb.meter_state,
+        progress=progress,
+        metrics=metrics,
+    )
+
+    trainer = MeteredSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[progress_cb, checkpoint_cb],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(HFProgressCallback)
+    log.info(
+        "training: %s, precision %s, batch %d x accumulation %d (%s)",
+        device,
+        precision,
+        plan.batch_size,
+        plan.gradient_accumulation_steps,
+        plan.reason,
+    )
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    seconds = time.monotonic() - started
+    state = trainer.state
+    return TrainOutcome(
+        interrupted=stop.is_set() and state.global_step < state.max_steps,
+        steps=state.global_step,
+        total_steps=state.max_steps,
+        final_loss=progress_cb.meter_state.get("loss"),
+        tokens=meter.total_tokens,
+        train_seconds=seconds,
+    )
