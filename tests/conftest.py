@@ -1,3 +1,9 @@
-"""Fixtures shared by every test module."""
+"""Test-wide setup: tests/ on sys.path (for localkube and the shared helpers) and the localkube
+pytest plugin (fixtures `cluster` and `s3`)."""
 
-from trainer_fixtures import alpaca_jsonl, r1_jsonl, tiny_model_dir  # noqa: F401  (registers the fixtures)
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+pytest_plugins = ["localkube.plugin"]

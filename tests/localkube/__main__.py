@@ -1,0 +1,56 @@
+"""`make cluster`: the test cluster and S3 for a person, until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .binaries import BUILD_SCRIPT, bin_dir, missing
+from .cluster import LOCAL_NODE, Cluster
+from .s3 import start_s3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m localkube", description=__doc__)
+    parser.add_argument("--workdir", type=Path, help="certificates, data and logs (default: a new temp dir)")
+    args = parser.parse_args()
+    if absent := missing():
+        print(f"missing in {bin_dir()}: {', '.join(absent)}; run {BUILD_SCRIPT}", file=sys.stderr)
+        return 1
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="localkube-"))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = Cluster.start(workdir, bin_dir())
+    s3 = start_s3()
+    try:
+        ns = "default"
+        cluster.apply(s3.secret(ns))
+        print(
+            f"""
+localkube is up ({", ".join(f"{k} {v:.1f}s" for k, v in cluster.timings.items())})
+  kubeconfig:  {cluster.kubeconfig}
+  nodes:       {LOCAL_NODE} (runs pods as local processes), {", ".join(cluster.kwok_nodes)} (kwok)
+  S3:          {s3.endpoint_url} bucket {s3.bucket} (key {s3.access_key} / {s3.secret_key});
+               Secret {ns}/finetune-s3 holds the credentials
+  logs:        {workdir / "logs"}, pods in {workdir / "kubelet" / "pods"}
+
+  export KUBECONFIG={cluster.kubeconfig} PATH={bin_dir()}:$PATH
+
+Ctrl-C stops everything.""",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        print("stopping...", flush=True)
+        s3.stop()
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
