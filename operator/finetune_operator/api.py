@@ -154,6 +154,10 @@ class Progress(Spec):
     """Estimated seconds until training ends."""
     gpu_memory_gib: float | None = None
     """Peak GPU memory reserved."""
+    phase: str | None = Field(default=None, max_length=64)
+    """The trainer's own stage: Preflight, Loading, Training, Exporting, ..."""
+    checkpoint_failures: int | None = Field(default=None, ge=0)
+    """Checkpoint uploads that failed in the current pod (the trainer retries; see CheckpointsFailing)."""
     updated_at: str | None = None
     """When the trainer reported this (RFC 3339); older reports never replace newer ones."""
 
@@ -209,6 +213,8 @@ class FineTuneJobStatus(Spec):
     """Newest complete checkpoint."""
     preemptions: int = 0
     """Times the training pod was evicted or preempted and replaced."""
+    preempted_pods: list[str] = Field(default_factory=list, max_length=50)
+    """UIDs of the pods already counted in preemptions (the newest 50), so no pod is counted twice."""
     artifacts: list[Artifact] = Field(default_factory=list)
     """Exported artifacts."""
     start_time: str | None = None

@@ -1,0 +1,149 @@
+"""Operator-wide defaults and limits, set once by the platform team (the Helm chart's ConfigMap).
+
+The file named by `FINETUNE_OPERATOR_CONFIG` is YAML with camelCase keys; every key is optional and
+the defaults work for the local demo (`make demo`), where the trainer runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+CONFIG_ENV = "FINETUNE_OPERATOR_CONFIG"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_attribute_docstrings=True
+    )
+
+
+class StorageDefaults(_Model):
+    """Where checkpoints and artifacts go when a job names no storage."""
+
+    uri: str | None = None
+    """`s3://bucket/prefix`; the operator appends `<namespace>/<name>/` per job."""
+    endpoint: str | None = None
+    """S3 endpoint for S3-compatible servers; AWS when unset."""
+    region: str | None = None
+    """S3 region."""
+    credentials_secret: str | None = "finetune-s3"
+    """Secret (in the job's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+
+
+class Ports(_Model):
+    """TCP ports the operator listens on (all interfaces)."""
+
+    metrics: int = Field(default=9090, ge=1, le=65535)
+    """Prometheus `/metrics`."""
+    progress: int = Field(default=8081, ge=1, le=65535)
+    """Progress reports from training pods."""
+    health: int = Field(default=8080, ge=1, le=65535)
+    """`/healthz` and `/readyz`."""
+
+
+class LeaderElection(_Model):
+    """Lease-based leader election; only the leader reconciles. Off for a single replica."""
+
+    enabled: bool = False
+    """Take a `coordination.k8s.io/v1` Lease before reconciling."""
+    namespace: str = "default"
+    """Namespace of the Lease (the operator's own)."""
+    lease_name: str = "finetune-operator"
+    """Name of the Lease."""
+    lease_duration_seconds: int = Field(default=15, ge=5, le=300)
+    """How long a leader's claim lasts without renewal; a standby takes over after this."""
+    renew_seconds: float = Field(default=5.0, gt=0)
+    """How often the leader renews the Lease."""
+
+
+class OperatorConfig(_Model):
+    """Everything the platform team sets once; a user's job names only model and data."""
+
+    default_image: str = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
+    """Trainer image when the job names none."""
+    image_pull_policy: str = "IfNotPresent"
+    """Pull policy of the trainer container."""
+    trainer_command: list[str] = Field(
+        default_factory=lambda: ["python", "-m", "finetune_trainer", "run", "/etc/finetune/job.json"],
+        min_length=1,
+    )
+    """Trainer argv; it reads the job manifest from the file the pod's downward-API volume writes."""
+    storage: StorageDefaults = Field(default_factory=StorageDefaults)
+    """Storage defaults."""
+    default_node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels every training pod must match; a job's own nodeSelector wins per key."""
+    default_tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    """Tolerations every training pod gets, before the job's own."""
+    default_cpu: str = "2"
+    """CPU request when the job names none."""
+    default_memory: str = "8Gi"
+    """Memory request and limit when the job names none."""
+    max_gpus_per_job: int = Field(default=8, ge=0)
+    """Jobs asking for more GPUs fail with a message naming spec.resources.gpus."""
+    allowed_model_sources: list[str] = Field(default_factory=list)
+    """Regular expressions (anchored at the start) a model source must match: the hub id, the
+    `s3://` URI or the path. Empty allows every source."""
+    report_url: str = "http://127.0.0.1:8081"
+    """Base URL at which training pods reach the operator's progress endpoint (the Service)."""
+    report_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often the trainer posts progress."""
+    report_audience: str = "finetune-operator"
+    """Audience of the projected ServiceAccount token pods authenticate with."""
+    report_token_expiration_seconds: int = Field(default=600, ge=600)
+    """Lifetime of that token (the kubelet renews it; 600 is the API's minimum)."""
+    status_write_interval_seconds: float = Field(default=10.0, ge=0)
+    """At most one progress write per job this often (checkpoints and phase changes go at once)."""
+    termination_grace_margin_seconds: int = Field(default=30, ge=0)
+    """Added to the job's checkpoint grace period for terminationGracePeriodSeconds."""
+    run_as_user: int = Field(default=1000, ge=1)
+    """Non-root UID of the trainer container."""
+    resync_seconds: float = Field(default=60.0, gt=0)
+    """Periodic re-reconcile of every job: repairs status after lost watch events."""
+    namespaces: list[str] = Field(default_factory=list)
+    """Namespaces to watch; empty watches the whole cluster."""
+    ports: Ports = Field(default_factory=Ports)
+    """Listening ports."""
+    leader_election: LeaderElection = Field(default_factory=LeaderElection)
+    """Leader election for replicas > 1."""
+
+    @field_validator("allowed_model_sources")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"allowedModelSources[{i}]: not a regular expression: {e}") from None
+        return patterns
+
+    def model_source_allowed(self, source: str) -> bool:
+        """Whether `source` (hub id, s3:// URI or path) matches one of allowedModelSources."""
+        return not self.allowed_model_sources or any(re.match(p, source) for p in self.allowed_model_sources)
+
+
+class ConfigFileError(Exception):
+    """The configuration file is unreadable or invalid; the message names the key."""
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> OperatorConfig:
+    """The configuration from `path`, else from `$FINETUNE_OPERATOR_CONFIG`, else the defaults."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        return OperatorConfig()
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigFileError(f"{path}: {e}") from None
+    try:
+        return OperatorConfig.model_validate(doc)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigFileError(f"{path}: {where}: {first['msg']}") from None

@@ -1,0 +1,353 @@
+"""FineTuneJob -> batch/v1 Job manifest: pure functions, no API calls.
+
+How the trainer gets its spec: the whole job (apiVersion, kind, name, namespace and the spec as the
+user wrote it, with storage filled from the operator's defaults) is a JSON annotation on the pod
+template; a projected downward-API volume writes it to `/etc/finetune/job.json`, which the trainer
+command reads (`python -m finetune_trainer run /etc/finetune/job.json`). Nothing is re-serialised
+through a model, so no field is lost, and the root filesystem stays read-only. The same projected
+volume holds the short-lived ServiceAccount token the trainer authenticates its progress reports
+with; the pod gets no other Kubernetes credentials.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
+from pydantic import ValidationError
+
+from finetune_operator.api import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from finetune_operator.config import OperatorConfig
+from finetune_operator.naming import ANNOTATION_JOB_MANIFEST, LABEL_KUEUE_QUEUE, job_labels, job_name
+
+CONTAINER = "trainer"
+SPEC_DIR = "/etc/finetune"
+SPEC_FILE = "job.json"
+TOKEN_FILE = "token"
+WORK_DIR = "/work"
+TERMINATION_LOG = "/dev/termination-log"
+PROGRESS_PORT = 9090
+
+ENV_HUB_TOKEN = "HF_TOKEN"
+ENV_DATA_HUB_TOKEN = "HF_DATA_TOKEN"
+ENV_PUSH_TOKEN = "HF_PUSH_TOKEN"
+ENV_WANDB_KEY = "WANDB_API_KEY"
+S3_SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+"""(key, optional): env var name = key in the credentials Secret."""
+
+
+class InvalidJobError(Exception):
+    """The FineTuneJob cannot run under this operator's limits; `field` names what to change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def parse_spec(ftj: dict[str, Any]) -> FineTuneJobSpec:
+    """The spec as a model (defaults applied); a problem becomes InvalidJobError naming the field."""
+    try:
+        return FineTuneJobSpec.model_validate(ftj.get("spec") or {})
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(["spec", *(str(p) for p in first["loc"])])
+        raise InvalidJobError(field, str(first["msg"]).removeprefix("Value error, ")) from None
+
+
+def validate_limits(spec: FineTuneJobSpec, cfg: OperatorConfig) -> None:
+    """Refuse what the schema allows but this installation does not (InvalidJobError names the field)."""
+    if spec.resources.gpus > cfg.max_gpus_per_job:
+        raise InvalidJobError(
+            "spec.resources.gpus",
+            f"{spec.resources.gpus} GPUs requested; at most {cfg.max_gpus_per_job} per job allowed here",
+        )
+    model = spec.model
+    for field, source in (("hub", model.hub), ("s3", model.s3), ("path", model.path)):
+        if source is not None and not cfg.model_source_allowed(source):
+            raise InvalidJobError(
+                f"spec.model.{field}",
+                f"{source!r} is not an allowed model source; allowed: {', '.join(cfg.allowed_model_sources)}",
+            )
+    if not (spec.storage.uri or cfg.storage.uri):
+        raise InvalidJobError(
+            "spec.storage.uri", "no storage: set it, or have the operator's storage.uri default set"
+        )
+
+
+def resolved_storage(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
+    """spec.storage with the operator's defaults filled in and `<namespace>/<name>` appended to the
+    URI, so jobs never share a checkpoint prefix."""
+    meta = ftj["metadata"]
+    storage = dict((ftj.get("spec") or {}).get("storage") or {})
+    base = storage.get("uri") or cfg.storage.uri or ""
+    storage["uri"] = f"{base.rstrip('/')}/{meta['namespace']}/{meta['name']}"
+    for key, default in (
+        ("endpoint", cfg.storage.endpoint),
+        ("region", cfg.storage.region),
+        ("credentialsSecret", cfg.storage.credentials_secret),
+    ):
+        if storage.get(key) is None and default is not None:
+            storage[key] = default
+    return storage
+
+
+def trainer_manifest(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
+    """The document the trainer reads: the user's spec verbatim, storage resolved."""
+    meta = ftj["metadata"]
+    spec = copy.deepcopy(ftj.get("spec") or {})
+    spec["storage"] = resolved_storage(ftj, cfg)
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "spec": spec,
+    }
+
+
+def report_url(ftj: dict[str, Any], cfg: OperatorConfig) -> str:
+    """Where this job's trainer POSTs progress."""
+    meta = ftj["metadata"]
+    return (
+        f"{cfg.report_url.rstrip('/')}/v1/namespaces/{meta['namespace']}/finetunejobs/{meta['name']}/progress"
+    )
+
+
+def _secret_env(name: str, ref: Any, optional: bool = False) -> dict[str, Any]:
+    selector: dict[str, Any] = {"name": ref.name, "key": ref.key}
+    if optional:
+        selector["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": selector}}
+
+
+def _env(ftj: dict[str, Any], spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "FINETUNE_SUMMARY_PATH", "value": TERMINATION_LOG},
+        {"name": "FINETUNE_PROGRESS_PORT", "value": str(PROGRESS_PORT)},
+        {"name": "FINETUNE_REPORT_URL", "value": report_url(ftj, cfg)},
+        {"name": "FINETUNE_REPORT_INTERVAL", "value": f"{cfg.report_interval_seconds:g}"},
+        {"name": "FINETUNE_REPORT_TOKEN_FILE", "value": f"{SPEC_DIR}/{TOKEN_FILE}"},
+        {"name": "HOME", "value": WORK_DIR},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "HF_HOME", "value": f"{WORK_DIR}/.cache/huggingface"},
+    ]
+    secret = resolved_storage(ftj, cfg).get("credentialsSecret")
+    if secret:
+        for key, optional in S3_SECRET_KEYS:
+            selector = {"name": secret, "key": key, **({"optional": True} if optional else {})}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": selector}})
+    if spec.model.token_secret_ref:
+        env.append(_secret_env(ENV_HUB_TOKEN, spec.model.token_secret_ref))
+    data_ref = spec.data.token_secret_ref
+    if data_ref and data_ref != spec.model.token_secret_ref:
+        # One hub token serves both when only the data set is gated.
+        env.append(
+            _secret_env(ENV_HUB_TOKEN if not spec.model.token_secret_ref else ENV_DATA_HUB_TOKEN, data_ref)
+        )
+    if spec.export.push:
+        env.append(_secret_env(ENV_PUSH_TOKEN, spec.export.push.token_secret_ref))
+    if spec.tracking.api_key_secret_ref:
+        env.append(_secret_env(ENV_WANDB_KEY, spec.tracking.api_key_secret_ref))
+    return env
+
+
+def _resources(spec: FineTuneJobSpec, cfg: OperatorConfig) -> dict[str, Any]:
+    memory = spec.resources.memory or cfg.default_memory
+    requests = {"cpu": spec.resources.cpu or cfg.default_cpu, "memory": memory}
+    limits: dict[str, str] = {"memory": memory}
+    if spec.resources.gpus:
+        requests[spec.resources.gpu_resource] = str(spec.resources.gpus)
+        limits[spec.resources.gpu_resource] = str(spec.resources.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _tolerations(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[dict[str, Any]]:
+    own = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    return [*(t for t in cfg.default_tolerations if t not in own), *own]
+
+
+def desired_suspend(spec: FineTuneJobSpec) -> bool:
+    """`suspend` for a new Job: the user's, or true while Kueue has not admitted it (Kueue unsuspends)."""
+    return spec.suspend or spec.queue_name is not None
+
+
+def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
+    """The batch/v1 Job for `ftj`. Raises InvalidJobError when the spec breaks the operator's limits."""
+    spec = parse_spec(ftj)
+    validate_limits(spec, cfg)
+    meta = ftj["metadata"]
+    name = meta["name"]
+    labels = job_labels(name)
+    job_meta_labels = dict(labels)
+    if spec.queue_name:
+        job_meta_labels[LABEL_KUEUE_QUEUE] = spec.queue_name
+    manifest = json.dumps(trainer_manifest(ftj, cfg), separators=(",", ":"), sort_keys=True)
+    container = {
+        "name": CONTAINER,
+        "image": spec.image or cfg.default_image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": list(cfg.trainer_command),
+        "workingDir": WORK_DIR,
+        "env": _env(ftj, spec, cfg),
+        "ports": [{"name": "progress", "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec, cfg),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "work", "mountPath": WORK_DIR},
+            {"name": "finetune", "mountPath": SPEC_DIR, "readOnly": True},
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": spec.checkpoint.grace_period_seconds
+        + cfg.termination_grace_margin_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": cfg.run_as_user,
+            "runAsGroup": cfg.run_as_user,
+            "fsGroup": cfg.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "work", "emptyDir": {}},
+            {
+                "name": "finetune",
+                "projected": {
+                    "defaultMode": 0o440,
+                    "sources": [
+                        {
+                            "serviceAccountToken": {
+                                "audience": cfg.report_audience,
+                                "expirationSeconds": cfg.report_token_expiration_seconds,
+                                "path": TOKEN_FILE,
+                            }
+                        },
+                        {
+                            "downwardAPI": {
+                                "items": [
+                                    {
+                                        "path": SPEC_FILE,
+                                        "fieldRef": {
+                                            "fieldPath": f"metadata.annotations['{ANNOTATION_JOB_MANIFEST}']"
+                                        },
+                                    }
+                                ]
+                            }
+                        },
+                    ],
+                },
+            },
+        ],
+    }
+    node_selector = {**cfg.default_node_selector, **spec.node_selector}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = _tolerations(spec, cfg)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    job_spec: dict[str, Any] = {
+        "parallelism": 1,
+        "completions": 1,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": desired_suspend(spec),
+        # Never two trainers writing one checkpoint prefix: a replacement starts only once the old
+        # pod is fully gone (after its emergency checkpoint).
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_CONFIG_ERROR],
+                    },
+                },
+                # Stopped by SIGTERM after a checkpoint (drain, plain pod delete): resumable, no retry burnt.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_INTERRUPTED],
+                    },
+                },
+            ]
+        },
+        "template": {
+            "metadata": {"labels": labels, "annotations": {ANNOTATION_JOB_MANIFEST: manifest}},
+            "spec": pod_spec,
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name),
+            "namespace": meta["namespace"],
+            "labels": job_meta_labels,
+            "ownerReferences": [owner_reference(ftj)],
+        },
+        "spec": job_spec,
+    }
+
+
+def owner_reference(ftj: dict[str, Any]) -> dict[str, Any]:
+    """Controller reference: deleting the FineTuneJob garbage-collects the Job and its pods."""
+    meta = ftj["metadata"]
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def is_owned_by(job: dict[str, Any], ftj: dict[str, Any]) -> bool:
+    """Whether `job` is controlled by this very FineTuneJob (same uid: not an earlier namesake)."""
+    uid = ftj["metadata"]["uid"]
+    return any(
+        ref.get("controller") and ref.get("uid") == uid
+        for ref in job.get("metadata", {}).get("ownerReferences") or []
+    )
+
+
+def job_spec_patch(ftj: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
+    """A merge patch bringing an existing Job's mutable fields (suspend, activeDeadlineSeconds) in line
+    with the FineTuneJob, or None. With a Kueue queue, Kueue owns `suspend` (it unsuspends on
+    admission), so the operator only ever sets it to true on the user's request."""
+    spec = parse_spec(ftj)
+    current = job.get("spec") or {}
+    patch: dict[str, Any] = {}
+    if spec.queue_name is None:
+        if bool(current.get("suspend")) != spec.suspend:
+            patch["suspend"] = spec.suspend
+    elif spec.suspend and not current.get("suspend"):
+        patch["suspend"] = True
+    if current.get("activeDeadlineSeconds") != spec.active_deadline_seconds:
+        patch["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {"spec": patch} if patch else None

@@ -1,0 +1,425 @@
+"""FineTuneJob status from what the cluster shows: pure functions, no API calls.
+
+`derive_status` turns (FineTuneJob, its Job, the Job's pods, the latest progress report, now) into a
+merge patch for `.status`. The operator applies it with the FineTuneJob's resourceVersion as a
+precondition, so a patch computed from an out-of-date object is refused rather than undoing a
+newer write (and, in particular, a preemption is never counted twice).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from finetune_trainer.errors import EXIT_CONFIG_ERROR
+
+from finetune_operator.jobbuilder import CONTAINER
+
+PREEMPTED_PODS_KEPT = 50
+"""Pod uids remembered as already counted as preemptions (bounded; older pods are long gone)."""
+CONDITION_TYPES = ("Ready", "Running", "Suspended", "Succeeded", "Failed")
+PROGRESS_FIELDS = {
+    "step": "step",
+    "totalSteps": "totalSteps",
+    "percent": "percent",
+    "loss": "loss",
+    "learningRate": "learningRate",
+    "tokensPerSecond": "tokensPerSecond",
+    "etaSeconds": "etaSeconds",
+    "gpuMemoryGiB": "gpuMemoryGib",
+    "checkpointFailures": "checkpointFailures",
+    "phase": "phase",
+}
+"""Report field -> status.progress field (besides updatedAt)."""
+MESSAGE_LIMIT = 1024
+
+
+def rfc3339(t: datetime) -> str:
+    """`2025-01-02T03:04:05Z` (seconds precision, as Kubernetes writes times)."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 time (with Z or an offset, any fraction), or None."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The phase the cluster shows, with a CamelCase reason and a human message."""
+
+    phase: str
+    reason: str
+    message: str
+
+
+def _conditions(obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return {c.get("type"): c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
+
+
+def _true(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
+    cond = _conditions(obj).get(kind)
+    return cond if cond and cond.get("status") == "True" else None
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            return (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+    return None
+
+
+def _running(pod: dict[str, Any]) -> dict[str, Any] | None:
+    if (pod.get("status") or {}).get("phase") != "Running" or pod["metadata"].get("deletionTimestamp"):
+        return None
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER and (cs.get("state") or {}).get("running"):
+            return cs["state"]["running"]
+    return None
+
+
+def _by_age(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(
+        pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"].get("name"))
+    )
+
+
+def parse_summary(message: str | None) -> dict[str, Any] | None:
+    """The trainer's JSON summary from a termination message; other text becomes {message: text}."""
+    if not message:
+        return None
+    try:
+        doc = json.loads(message)
+    except ValueError:
+        return {"message": message.strip()[:MESSAGE_LIMIT]}
+    return doc if isinstance(doc, dict) else {"message": message.strip()[:MESSAGE_LIMIT]}
+
+
+def _failure_text(term: dict[str, Any]) -> str:
+    summary = parse_summary(term.get("message")) or {}
+    text = str(summary.get("message") or term.get("reason") or "no message")
+    return text[:MESSAGE_LIMIT]
+
+
+def _last_terminated(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for pod in reversed(_by_age(pods)):
+        term = _terminated(pod)
+        if term is not None:
+            return term
+    return None
+
+
+def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str]:
+    """(reason, message) for a failed Job, telling the user what to fix."""
+    for pod in _by_age(pods):
+        term = _terminated(pod)
+        if term and term.get("exitCode") == EXIT_CONFIG_ERROR:
+            return (
+                "ConfigError",
+                f"the job's configuration is wrong (fix the spec, create a new job): {_failure_text(term)}",
+            )
+    failed = _true(job, "Failed") or _true(job, "FailureTarget") or {}
+    reason = failed.get("reason") or "JobFailed"
+    if reason == "DeadlineExceeded":
+        limit = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        return (
+            "DeadlineExceeded",
+            f"the job ran longer than activeDeadlineSeconds ({limit}); raise it or train fewer steps",
+        )
+    term = _last_terminated(pods)
+    detail = f"; last exit code {term.get('exitCode')}: {_failure_text(term)}" if term else ""
+    if reason == "BackoffLimitExceeded":
+        limit = (job.get("spec") or {}).get("backoffLimit")
+        return reason, f"the trainer failed more often than backoffLimit ({limit}) allows{detail}"
+    return reason, f"{failed.get('message') or 'the Job failed'}{detail}"
+
+
+def observe(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Observed:
+    """The phase of the FineTuneJob from its Job and pods."""
+    spec = ftj.get("spec") or {}
+    if job is None:
+        return Observed("Pending", "JobCreating", "creating the training Job")
+    if _true(job, "Complete") or _true(job, "SuccessCriteriaMet"):
+        return Observed("Succeeded", "Succeeded", "training and export finished")
+    if _true(job, "Failed") or _true(job, "FailureTarget"):
+        reason, message = failure_message(job, pods)
+        return Observed("Failed", reason, message)
+    active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    if (job.get("spec") or {}).get("suspend"):
+        if spec.get("queueName") and not spec.get("suspend"):
+            return Observed(
+                "Pending", "Queued", f"waiting for Kueue to admit the job (queue {spec['queueName']})"
+            )
+        if active:
+            return Observed("Suspended", "Suspending", "suspended: the trainer is checkpointing and stopping")
+        return Observed(
+            "Suspended", "Suspended", "suspended; set spec.suspend to false to resume from the checkpoint"
+        )
+    if any(_running(p) for p in pods):
+        return Observed("Running", "Training", "the trainer is running")
+    if any(_true(p, "DisruptionTarget") for p in pods):
+        return Observed(
+            "Pending", "Rescheduling", "the training pod was preempted; a new pod resumes from the checkpoint"
+        )
+    waiting = _waiting_reason(active)
+    return Observed("Pending", "PodPending", f"waiting for the training pod{waiting}")
+
+
+def _waiting_reason(pods: list[dict[str, Any]]) -> str:
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting")
+            if waiting and waiting.get("reason"):
+                return f" ({waiting['reason']}: {waiting.get('message') or ''})".replace(": )", ")")
+        sched = _conditions(pod).get("PodScheduled")
+        if sched and sched.get("status") == "False":
+            return f" (unschedulable: {sched.get('message') or sched.get('reason')})"
+    return ""
+
+
+def count_preemptions(status: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """(preemptions, counted pod uids): each pod with a DisruptionTarget condition counts once, ever."""
+    counted = list(status.get("preemptedPods") or [])
+    total = int(status.get("preemptions") or 0)
+    for pod in _by_age(pods):
+        uid = pod["metadata"].get("uid")
+        if uid and uid not in counted and _true(pod, "DisruptionTarget"):
+            counted.append(uid)
+            total += 1
+    return total, counted[-PREEMPTED_PODS_KEPT:]
+
+
+def _start_time(status: dict[str, Any], pods: list[dict[str, Any]]) -> str | None:
+    if status.get("startTime"):
+        return status["startTime"]
+    started = []
+    for pod in pods:
+        running = _running(pod)
+        term = _terminated(pod)
+        when = (running or {}).get("startedAt") or (term or {}).get("startedAt")
+        if when:
+            started.append(when)
+    return min(started) if started else None
+
+
+def _completion_time(job: dict[str, Any], observed: Observed, now: datetime) -> str:
+    done = (job.get("status") or {}).get("completionTime")
+    if not done:
+        cond = _true(job, "Complete") or _true(job, "Failed") or _true(job, "FailureTarget") or {}
+        done = cond.get("lastTransitionTime")
+    return done or rfc3339(now)
+
+
+def _summary_and_artifacts(
+    pods: list[dict[str, Any]], succeeded: bool
+) -> tuple[dict[str, Any] | None, list[Any]]:
+    """The final summary's scalar figures and its artifacts, from the newest terminated pod."""
+    for pod in reversed(_by_age(pods)):
+        term = _terminated(pod)
+        if term is None or (succeeded and term.get("exitCode") != 0):
+            continue
+        doc = parse_summary(term.get("message"))
+        if doc is None:
+            return None, []
+        scalars = {k: v for k, v in doc.items() if v is None or isinstance(v, str | int | float | bool)}
+        artifacts = [
+            {k: a[k] for k in ("name", "uri", "sizeBytes", "sha256")}
+            for a in doc.get("artifacts") or []
+            if isinstance(a, dict) and all(k in a for k in ("name", "uri", "sizeBytes", "sha256"))
+        ]
+        return scalars, artifacts
+    return None, []
+
+
+def _condition(
+    old: dict[str, dict[str, Any]],
+    kind: str,
+    *,
+    true: bool,
+    observed: Observed,
+    generation: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    status = "True" if true else "False"
+    previous = old.get(kind)
+    changed = previous is None or previous.get("status") != status
+    return {
+        "type": kind,
+        "status": status,
+        "reason": observed.reason,
+        "message": observed.message,
+        "lastTransitionTime": rfc3339(now) if changed else previous.get("lastTransitionTime", rfc3339(now)),
+        "observedGeneration": generation,
+    }
+
+
+def conditions_for(
+    old: list[dict[str, Any]],
+    observed: Observed,
+    progress: dict[str, Any] | None,
+    generation: int | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Conditions per API conventions: each type always present, lastTransitionTime kept while its
+    status does not change."""
+    previous = {c.get("type"): c for c in old}
+    phase = observed.phase
+    out = [
+        _condition(
+            previous, "Ready", true=phase == "Succeeded", observed=observed, generation=generation, now=now
+        ),
+        _condition(
+            previous, "Running", true=phase == "Running", observed=observed, generation=generation, now=now
+        ),
+        _condition(
+            previous,
+            "Suspended",
+            true=phase == "Suspended",
+            observed=observed,
+            generation=generation,
+            now=now,
+        ),
+        _condition(
+            previous,
+            "Succeeded",
+            true=phase == "Succeeded",
+            observed=observed,
+            generation=generation,
+            now=now,
+        ),
+        _condition(
+            previous, "Failed", true=phase == "Failed", observed=observed, generation=generation, now=now
+        ),
+    ]
+    failures = int((progress or {}).get("checkpointFailures") or 0)
+    if failures or "CheckpointsFailing" in previous:
+        failing = Observed(
+            phase,
+            "UploadFailed" if failures else "UploadOk",
+            f"{failures} checkpoint uploads failed; the trainer keeps retrying"
+            if failures
+            else "checkpoints succeed",
+        )
+        out.append(
+            _condition(
+                previous,
+                "CheckpointsFailing",
+                true=failures > 0,
+                observed=failing,
+                generation=generation,
+                now=now,
+            )
+        )
+    return out
+
+
+def is_newer_report(report: dict[str, Any], progress: dict[str, Any] | None) -> bool:
+    """Whether `report` is newer than what status.progress already shows (by the trainer's
+    reportedAt; reports without a time never replace timed ones)."""
+    reported = parse_time(report.get("reportedAt"))
+    if reported is None:
+        return False
+    current = parse_time((progress or {}).get("updatedAt"))
+    return current is None or reported > current
+
+
+def progress_from_report(report: dict[str, Any]) -> dict[str, Any]:
+    """status.progress from a trainer report (percent computed when the trainer left it out)."""
+    progress = {
+        ours: report[theirs] for theirs, ours in PROGRESS_FIELDS.items() if report.get(theirs) is not None
+    }
+    if "percent" not in progress and report.get("totalSteps"):
+        progress["percent"] = round(100.0 * int(report.get("step") or 0) / int(report["totalSteps"]), 2)
+    progress["updatedAt"] = report["reportedAt"]
+    return progress
+
+
+def checkpoint_from_report(report: dict[str, Any], current: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The report's newest complete checkpoint when it differs from status.checkpoint, else None."""
+    ckpt = report.get("checkpoint")
+    if not isinstance(ckpt, dict) or not all(ckpt.get(k) is not None for k in ("uri", "step", "time")):
+        return None
+    new = {"uri": ckpt["uri"], "step": int(ckpt["step"]), "time": ckpt["time"]}
+    return None if current and {k: current.get(k) for k in new} == new else new
+
+
+def progress_patch(status: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
+    """status fields a report changes (progress, checkpoint); empty when the report is stale."""
+    if not report or not is_newer_report(report, status.get("progress")):
+        return {}
+    patch: dict[str, Any] = {"progress": progress_from_report(report)}
+    checkpoint = checkpoint_from_report(report, status.get("checkpoint"))
+    if checkpoint:
+        patch["checkpoint"] = checkpoint
+    return patch
+
+
+def derive_status(
+    ftj: dict[str, Any],
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    progress_report: dict[str, Any] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """A merge patch for `.status` (empty when nothing changed). `pods` are the Job's pods;
+    `progress_report` the newest report from the trainer (ignored when not newer than status)."""
+    status = dict(ftj.get("status") or {})
+    generation = ftj["metadata"].get("generation")
+    observed = observe(ftj, job, pods)
+    new: dict[str, Any] = {**progress_patch(status, progress_report)}
+    progress = new.get("progress", status.get("progress"))
+    new["phase"] = observed.phase
+    new["message"] = observed.message
+    new["observedGeneration"] = generation
+    if job is not None:
+        new["jobName"] = job["metadata"]["name"]
+    new["conditions"] = conditions_for(status.get("conditions") or [], observed, progress, generation, now)
+    preemptions, counted = count_preemptions(status, pods)
+    new["preemptions"] = preemptions
+    if counted:
+        new["preemptedPods"] = counted
+    start = _start_time(status, pods)
+    if start:
+        new["startTime"] = start
+    if observed.phase in ("Succeeded", "Failed") and job is not None:
+        new["completionTime"] = status.get("completionTime") or _completion_time(job, observed, now)
+        if not status.get("summary"):
+            summary, artifacts = _summary_and_artifacts(pods, observed.phase == "Succeeded")
+            if summary:
+                new["summary"] = summary
+            if artifacts:
+                new["artifacts"] = artifacts
+    if observed.phase == "Succeeded" and progress and progress.get("totalSteps"):
+        # The last report may predate the final step; the Job's success is authoritative.
+        new["progress"] = {**progress, "step": progress["totalSteps"], "percent": 100.0, "etaSeconds": 0}
+    return {k: v for k, v in new.items() if status.get(k) != v}
+
+
+def invalid_status(ftj: dict[str, Any], field: str, message: str, now: datetime) -> dict[str, Any]:
+    """Status patch for a job refused before any Job exists (operator limits), naming the field."""
+    status = ftj.get("status") or {}
+    generation = ftj["metadata"].get("generation")
+    observed = Observed("Failed", "InvalidSpec", f"{field}: {message}")
+    new = {
+        "phase": "Failed",
+        "message": observed.message,
+        "observedGeneration": generation,
+        "conditions": conditions_for(status.get("conditions") or [], observed, None, generation, now),
+        "completionTime": status.get("completionTime") or rfc3339(now),
+    }
+    return {k: v for k, v in new.items() if status.get(k) != v}
+
+
+def transition(old: dict[str, Any], patch: dict[str, Any]) -> tuple[str | None, str | None] | None:
+    """(old phase, new phase) when `patch` changes the phase, else None (for events and metrics)."""
+    if "phase" in patch and patch["phase"] != old.get("phase"):
+        return old.get("phase"), patch["phase"]
+    return None

@@ -1,0 +1,229 @@
+"""The FineTuneJob -> Job builder: the properties the cluster relies on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from finetune_operator.config import OperatorConfig
+from finetune_operator.jobbuilder import (
+    ANNOTATION_JOB_MANIFEST,
+    InvalidJobError,
+    build_job,
+    is_owned_by,
+    job_spec_patch,
+)
+from finetune_operator.naming import job_name
+from finetune_trainer.errors import EXIT_CONFIG_ERROR
+from finetune_trainer.jobfile import parse_job
+
+CFG = OperatorConfig.model_validate(
+    {
+        "defaultImage": "registry.example/trainer:1",
+        "storage": {"uri": "s3://ckpts/base", "endpoint": "http://s3:9000", "credentialsSecret": "s3-creds"},
+        "defaultNodeSelector": {"gpu": "true", "pool": "default"},
+        "defaultTolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "maxGpusPerJob": 4,
+        "allowedModelSources": [r"unsloth/", r"s3://models/"],
+        "reportUrl": "http://finetune-operator.system.svc:8081",
+    }
+)
+
+
+def ftj(name: str = "qwen-medical", **spec: object) -> dict:
+    base = {"model": {"hub": "unsloth/Qwen3-8B"}, "data": {"hub": "org/data"}}
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "team-a", "uid": "uid-1234", "generation": 1},
+        "spec": {**base, **spec},
+    }
+
+
+def pod_spec(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]
+
+
+def trainer(job: dict) -> dict:
+    return pod_spec(job)["containers"][0]
+
+
+def test_pod_failure_policy_ignores_disruption_and_fails_fast_on_config_errors() -> None:
+    job = build_job(ftj(backoffLimit=5), CFG)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert fail[0]["onExitCodes"]["values"] == [EXIT_CONFIG_ERROR]
+    assert fail[0]["onExitCodes"]["containerName"] == trainer(job)["name"]
+    assert job["spec"]["backoffLimit"] == 5
+    assert job["spec"]["podReplacementPolicy"] == "Failed"
+    assert pod_spec(job)["restartPolicy"] == "Never"  # podFailurePolicy requires it
+
+
+def test_restricted_pod_security() -> None:
+    job = build_job(ftj(), CFG)
+    pod = pod_spec(job)
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = trainer(job)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    mounts = {m["mountPath"]: m["name"] for m in trainer(job)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/tmp", trainer(job)["workingDir"]):
+        assert "emptyDir" in volumes[mounts[path]], f"{path} must be writable with a read-only root"
+
+
+def test_resources_gpus_and_defaults() -> None:
+    job = build_job(ftj(resources={"gpus": 2, "memory": "64Gi"}), CFG)
+    res = trainer(job)["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "2"
+    assert res["requests"]["memory"] == res["limits"]["memory"] == "64Gi"
+    assert res["requests"]["cpu"] == CFG.default_cpu
+    cpu_job = build_job(ftj(resources={"gpus": 0}), CFG)
+    assert not any("gpu" in k for k in trainer(cpu_job)["resources"]["requests"])
+
+
+def test_scheduling_merges_over_operator_defaults() -> None:
+    job = build_job(
+        ftj(
+            nodeSelector={"pool": "a100"},
+            tolerations=[{"key": "spot", "operator": "Exists"}],
+            priorityClassName="training-low",
+        ),
+        CFG,
+    )
+    pod = pod_spec(job)
+    assert pod["nodeSelector"] == {"gpu": "true", "pool": "a100"}
+    assert pod["tolerations"] == [*CFG.default_tolerations, {"key": "spot", "operator": "Exists"}]
+    assert pod["priorityClassName"] == "training-low"
+
+
+def test_secrets_only_by_reference() -> None:
+    ref = {"name": "hub", "key": "token"}
+    job = build_job(
+        ftj(
+            model={"hub": "unsloth/Qwen3-8B", "tokenSecretRef": ref},
+            export={"push": {"repo": "me/adapter", "tokenSecretRef": {"name": "push", "key": "t"}}},
+            tracking={"type": "wandb", "apiKeySecretRef": {"name": "wandb", "key": "k"}},
+        ),
+        CFG,
+    )
+    env = {e["name"]: e for e in trainer(job)["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == ref
+    assert env["HF_PUSH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "push", "key": "t"}
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "wandb", "key": "k"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    for e in trainer(job)["env"]:
+        if e["name"].startswith(("AWS_", "HF_TOKEN", "HF_PUSH", "WANDB")):
+            assert "value" not in e, f"{e['name']} must come from a Secret"
+
+
+def test_trainer_gets_the_whole_spec_with_storage_resolved() -> None:
+    spec = {
+        "template": {"type": "custom", "format": "Q: {q}\nA: {a}", "fields": {"q": "question"}},
+        "lora": {"r": 8, "alpha": 32, "useRslora": True},
+        "training": {"maxSteps": 12, "learningRate": 1e-4},
+        "checkpoint": {"everySteps": 3, "gracePeriodSeconds": 40},
+    }
+    source = ftj(**spec)
+    job = build_job(source, CFG)
+    manifest = json.loads(job["spec"]["template"]["metadata"]["annotations"][ANNOTATION_JOB_MANIFEST])
+    for key, value in spec.items():
+        assert manifest["spec"][key] == value
+    assert manifest["spec"]["storage"]["uri"] == "s3://ckpts/base/team-a/qwen-medical"
+    assert manifest["spec"]["storage"]["endpoint"] == "http://s3:9000"
+    loaded = parse_job(manifest)  # the trainer's own reader accepts it
+    assert (loaded.name, loaded.namespace) == ("qwen-medical", "team-a")
+    assert loaded.spec.training.max_steps == 12
+    assert pod_spec(job)["terminationGracePeriodSeconds"] == 40 + CFG.termination_grace_margin_seconds
+    volume = next(v for v in pod_spec(job)["volumes"] if v["name"] == "finetune")
+    token = next(
+        s["serviceAccountToken"] for s in volume["projected"]["sources"] if "serviceAccountToken" in s
+    )
+    assert token["audience"] == CFG.report_audience
+
+
+def test_progress_reporting_env() -> None:
+    env = {e["name"]: e.get("value") for e in trainer(build_job(ftj(), CFG))["env"]}
+    assert env["FINETUNE_SUMMARY_PATH"] == "/dev/termination-log"
+    assert env["FINETUNE_REPORT_URL"] == (
+        "http://finetune-operator.system.svc:8081/v1/namespaces/team-a/finetunejobs/qwen-medical/progress"
+    )
+    assert env["FINETUNE_REPORT_TOKEN_FILE"].startswith("/etc/finetune/")
+
+
+def test_owner_reference_and_labels() -> None:
+    job = build_job(ftj(), CFG)
+    (ref,) = job["metadata"]["ownerReferences"]
+    assert ref["uid"] == "uid-1234" and ref["controller"] is True and ref["blockOwnerDeletion"] is True
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels["app.kubernetes.io/name"] == "finetune-trainer"
+        assert labels["app.kubernetes.io/managed-by"] == "finetune-operator"
+        assert labels["finetune.dev/job"] == "qwen-medical"
+    assert is_owned_by(job, ftj())
+    other = ftj()
+    other["metadata"]["uid"] = "uid-of-an-earlier-namesake"
+    assert not is_owned_by(job, other)
+
+
+def test_deterministic_names_and_long_names() -> None:
+    assert build_job(ftj(), CFG) == build_job(ftj(), CFG)
+    assert build_job(ftj(), CFG)["metadata"]["name"] == "qwen-medical"
+    long_a, long_b = "x" * 70 + "-a", "x" * 70 + "-b"
+    name_a, name_b = job_name(long_a), job_name(long_b)
+    assert len(name_a) <= 63 and len(name_b) <= 63 and name_a != name_b
+    assert job_name(long_a) == name_a
+    job = build_job(ftj(long_a), CFG)
+    assert job["metadata"]["name"] == name_a
+    assert len(job["metadata"]["labels"]["finetune.dev/job"]) <= 63
+
+
+def test_suspend_and_kueue() -> None:
+    assert build_job(ftj(), CFG)["spec"]["suspend"] is False
+    assert build_job(ftj(suspend=True), CFG)["spec"]["suspend"] is True
+    queued = build_job(ftj(queueName="gpu-queue"), CFG)
+    assert queued["spec"]["suspend"] is True
+    assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    # Kueue unsuspended it: the operator leaves suspend alone...
+    admitted = {**queued, "spec": {**queued["spec"], "suspend": False}}
+    assert job_spec_patch(ftj(queueName="gpu-queue"), admitted) is None
+    # ...unless the user asks to suspend.
+    assert job_spec_patch(ftj(queueName="gpu-queue", suspend=True), admitted) == {"spec": {"suspend": True}}
+
+
+def test_spec_patch_follows_suspend_and_deadline() -> None:
+    job = build_job(ftj(), CFG)
+    assert job_spec_patch(ftj(), job) is None
+    assert job_spec_patch(ftj(suspend=True), job) == {"spec": {"suspend": True}}
+    assert job_spec_patch(ftj(activeDeadlineSeconds=3600), job) == {"spec": {"activeDeadlineSeconds": 3600}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"resources": {"gpus": 5}}, "spec.resources.gpus"),
+        ({"model": {"hub": "evil/model"}}, "spec.model.hub"),
+        ({"model": {"s3": "s3://elsewhere/m/"}}, "spec.model.s3"),
+        ({"lora": {"r": 0}}, "spec.lora.r"),
+    ],
+)
+def test_limits_refuse_naming_the_field(spec: dict, field: str) -> None:
+    with pytest.raises(InvalidJobError) as e:
+        build_job(ftj(**spec), CFG)
+    assert e.value.field == field
+
+
+def test_storage_required_somewhere() -> None:
+    cfg = OperatorConfig()
+    with pytest.raises(InvalidJobError) as e:
+        build_job(ftj(), cfg)
+    assert e.value.field == "spec.storage.uri"
+    job = build_job(ftj(storage={"uri": "s3://own-bucket/x"}), cfg)
+    manifest = json.loads(job["spec"]["template"]["metadata"]["annotations"][ANNOTATION_JOB_MANIFEST])
+    assert manifest["spec"]["storage"]["uri"] == "s3://own-bucket/x/team-a/qwen-medical"

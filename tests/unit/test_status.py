@@ -1,0 +1,218 @@
+"""Status derivation: phases, conditions, failure messages, preemption counting, stale progress."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from finetune_operator.status import derive_status, invalid_status, progress_patch, transition
+from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+T0 = "2025-03-01T11:00:00Z"
+
+
+def ftj(status: dict | None = None, generation: int = 1, **spec: object) -> dict:
+    return {
+        "metadata": {"name": "j", "namespace": "ns", "uid": "u", "generation": generation},
+        "spec": {"model": {"hub": "unsloth/x"}, "data": {"hub": "o/d"}, **spec},
+        "status": status or {},
+    }
+
+
+def job(suspend: bool = False, conditions: list | None = None, **spec: object) -> dict:
+    return {
+        "metadata": {"name": "j", "namespace": "ns"},
+        "spec": {"suspend": suspend, "backoffLimit": 3, **spec},
+        "status": {"conditions": conditions or []},
+    }
+
+
+def cond(kind: str, reason: str = "", status: str = "True") -> dict:
+    return {"type": kind, "status": status, "reason": reason, "lastTransitionTime": T0}
+
+
+def pod(
+    uid: str = "p1",
+    *,
+    phase: str = "Running",
+    running: bool = True,
+    exit_code: int | None = None,
+    message: str | None = None,
+    conditions: list | None = None,
+    created: str = T0,
+) -> dict:
+    state: dict = {}
+    if running:
+        state = {"running": {"startedAt": created}}
+    elif exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "message": message, "startedAt": created}}
+    return {
+        "metadata": {"name": f"j-{uid}", "uid": uid, "creationTimestamp": created},
+        "status": {
+            "phase": phase,
+            "conditions": conditions or [],
+            "containerStatuses": [{"name": "trainer", "state": state}],
+        },
+    }
+
+
+def apply(obj: dict, patch: dict) -> dict:
+    return {**obj, "status": {**obj["status"], **patch}}
+
+
+def by_type(status: dict) -> dict:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_lifecycle_pending_running_succeeded() -> None:
+    f = ftj()
+    p = derive_status(f, None, [], None, NOW)
+    assert p["phase"] == "Pending"
+    f = apply(f, p)
+    p = derive_status(f, job(), [pod(phase="Pending", running=False)], None, NOW)
+    assert "phase" not in p and p["jobName"] == "j" and by_type(p)["Running"]["reason"] == "PodPending"
+    f = apply(f, p)
+    p = derive_status(f, job(), [pod()], None, NOW)
+    assert p["phase"] == "Running" and p["startTime"] == T0
+    assert transition(f["status"], p) == ("Pending", "Running")
+    f = apply(f, p)
+    summary = {
+        "exitReason": "Completed",
+        "steps": 60,
+        "finalLoss": 1.2,
+        "artifacts": [{"name": "adapter", "uri": "s3://b/a", "sizeBytes": 10, "sha256": "ab" * 32}],
+    }
+    done = pod(phase="Succeeded", running=False, exit_code=0, message=json.dumps(summary))
+    p = derive_status(f, job(conditions=[cond("Complete")]), [done], None, NOW)
+    assert p["phase"] == "Succeeded"
+    assert p["completionTime"] == T0
+    assert p["summary"] == {"exitReason": "Completed", "steps": 60, "finalLoss": 1.2}
+    assert p["artifacts"] == summary["artifacts"]
+    conds = by_type(apply(f, p)["status"])
+    assert conds["Succeeded"]["status"] == "True" and conds["Ready"]["status"] == "True"
+    assert conds["Running"]["status"] == "False"
+
+
+def test_no_change_no_patch_and_transition_times_kept() -> None:
+    f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
+    assert derive_status(f, job(), [pod()], None, NOW + timedelta(minutes=5)) == {}
+    running_since = by_type(f["status"])["Running"]["lastTransitionTime"]
+    later = NOW + timedelta(hours=1)
+    f2 = apply(f, derive_status(f, job(suspend=True), [], None, later))
+    assert by_type(f2["status"])["Running"]["lastTransitionTime"] != running_since
+    assert (
+        by_type(f2["status"])["Failed"]["lastTransitionTime"]
+        == by_type(f["status"])["Failed"]["lastTransitionTime"]
+    )
+
+
+def test_conditions_carry_observed_generation() -> None:
+    f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
+    f["metadata"]["generation"] = 2
+    p = derive_status(f, job(), [pod()], None, NOW)
+    assert p["observedGeneration"] == 2
+    assert {c["observedGeneration"] for c in p["conditions"]} == {2}
+
+
+def test_suspended_and_kueue_queued() -> None:
+    p = derive_status(ftj(suspend=True), job(suspend=True), [pod()], None, NOW)
+    assert (p["phase"], by_type(p)["Suspended"]["reason"]) == ("Suspended", "Suspending")
+    p = derive_status(ftj(suspend=True), job(suspend=True), [], None, NOW)
+    assert (p["phase"], by_type(p)["Suspended"]["reason"]) == ("Suspended", "Suspended")
+    p = derive_status(ftj(queueName="q"), job(suspend=True), [], None, NOW)
+    assert (p["phase"], by_type(p)["Running"]["reason"]) == ("Pending", "Queued")
+
+
+def test_config_error_names_the_field_from_the_termination_message() -> None:
+    message = json.dumps({"exitReason": "ConfigError", "message": "spec.data.path: no such file /x.jsonl"})
+    failed = pod(phase="Failed", running=False, exit_code=EXIT_CONFIG_ERROR, message=message)
+    p = derive_status(ftj(), job(conditions=[cond("Failed", "PodFailurePolicy")]), [failed], None, NOW)
+    assert p["phase"] == "Failed"
+    assert by_type(p)["Failed"]["reason"] == "ConfigError"
+    assert "spec.data.path: no such file /x.jsonl" in p["message"]
+
+
+def test_backoff_and_deadline_messages() -> None:
+    crash = pod(phase="Failed", running=False, exit_code=1, message="CUDA out of memory")
+    p = derive_status(ftj(), job(conditions=[cond("Failed", "BackoffLimitExceeded")]), [crash], None, NOW)
+    assert "backoffLimit (3)" in p["message"] and "exit code 1: CUDA out of memory" in p["message"]
+    p = derive_status(
+        ftj(), job(conditions=[cond("Failed", "DeadlineExceeded")], activeDeadlineSeconds=600), [], None, NOW
+    )
+    assert by_type(p)["Failed"]["reason"] == "DeadlineExceeded" and "(600)" in p["message"]
+
+
+def test_preemption_counted_once_per_pod_across_restarts() -> None:
+    evicted = pod(
+        "p1", phase="Failed", running=False, exit_code=EXIT_INTERRUPTED, conditions=[cond("DisruptionTarget")]
+    )
+    f = ftj()
+    p = derive_status(f, job(), [evicted], None, NOW)
+    assert p["preemptions"] == 1 and p["phase"] == "Pending"
+    f = apply(f, p)
+    # Seen again (another event, or a restarted operator reading status): not recounted.
+    assert "preemptions" not in derive_status(f, job(), [evicted], None, NOW)
+    p = derive_status(f, job(), [evicted, pod("p2", created="2025-03-01T11:30:00Z")], None, NOW)
+    assert "preemptions" not in p and p["phase"] == "Running"
+    f = apply(f, p)
+    evicted2 = pod("p2", phase="Failed", running=False, exit_code=143, conditions=[cond("DisruptionTarget")])
+    assert derive_status(f, job(), [evicted2], None, NOW)["preemptions"] == 2
+    # A pod that simply failed (no DisruptionTarget) is no preemption.
+    crashed = pod("p3", phase="Failed", running=False, exit_code=1)
+    assert "preemptions" not in derive_status(f, job(), [evicted, crashed], None, NOW)
+
+
+def report(step: int, at: str, sequence: int = 1, checkpoint: dict | None = None) -> dict:
+    return {
+        "phase": "Training",
+        "step": step,
+        "totalSteps": 60,
+        "loss": 1.5,
+        "learningRate": 2e-4,
+        "tokensPerSecond": 100.0,
+        "etaSeconds": 30.0,
+        "gpuMemoryGiB": 1.5,
+        "checkpoint": checkpoint,
+        "checkpointFailures": 0,
+        "sequence": sequence,
+        "reportedAt": at,
+    }
+
+
+def test_progress_from_reports_and_stale_reports_ignored() -> None:
+    f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
+    ckpt = {"uri": "s3://b/ns/j/step-00000010", "step": 10, "time": "2025-03-01T11:59:00Z"}
+    p = derive_status(f, job(), [pod()], report(12, "2025-03-01T11:59:30.5Z", 7, ckpt), NOW)
+    assert p["progress"]["step"] == 12 and p["progress"]["percent"] == 20.0
+    assert p["progress"]["gpuMemoryGib"] == 1.5 and p["progress"]["phase"] == "Training"
+    assert p["progress"]["updatedAt"] == "2025-03-01T11:59:30.5Z"
+    assert p["checkpoint"] == ckpt
+    f = apply(f, p)
+    # An older report (delayed, or from a replica that received it late) changes nothing.
+    assert derive_status(f, job(), [pod()], report(11, "2025-03-01T11:59:25Z", 6), NOW) == {}
+    assert progress_patch(f["status"], report(13, "2025-03-01T11:59:30.5Z", 8)) == {}
+    assert progress_patch(f["status"], {"step": 99}) == {}
+    # A resumed pod's first report is newer, even with a lower step and sequence.
+    p = progress_patch(f["status"], report(10, "2025-03-01T12:01:00Z", 1, ckpt))
+    assert p["progress"]["step"] == 10 and "checkpoint" not in p
+
+
+def test_checkpoint_failures_condition() -> None:
+    f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
+    bad = {**report(5, "2025-03-01T11:59:30Z"), "checkpointFailures": 2}
+    p = derive_status(f, job(), [pod()], bad, NOW)
+    assert by_type(p)["CheckpointsFailing"]["status"] == "True"
+
+
+def test_succeeded_shows_full_progress() -> None:
+    f = apply(ftj(), {"phase": "Running", "progress": {"step": 58, "totalSteps": 60, "updatedAt": T0}})
+    done = pod(phase="Succeeded", running=False, exit_code=0, message="{}")
+    p = derive_status(f, job(conditions=[cond("Complete")]), [done], None, NOW)
+    assert p["progress"]["step"] == 60 and p["progress"]["percent"] == 100.0
+
+
+def test_invalid_status_names_field() -> None:
+    p = invalid_status(ftj(), "spec.resources.gpus", "5 GPUs requested; at most 4", NOW)
+    assert p["phase"] == "Failed" and p["message"].startswith("spec.resources.gpus:")
+    assert by_type(p)["Failed"]["reason"] == "InvalidSpec"
