@@ -72,9 +72,31 @@ class Container:
     started_at: str = ""
     state: Obj = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
 
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = Path()
+
     @property
     def name(self) -> str:
         return self.spec["name"]
+
+    def prepare(self, ctx: PodContext, pod_dir: Path) -> None:
+        """Resolve env, argv and working dir (reads Secrets and ConfigMaps: may raise)."""
+        spec = self.spec
+        self.termination_file.parent.mkdir(parents=True, exist_ok=True)
+        self.termination_file.write_bytes(b"")
+        mounts = ctx.mounts(spec, self.termination_file)
+        self.env = ctx.env(spec, mounts)
+        words = [*(spec.get("command") or []), *(spec.get("args") or [])]
+        self.argv = [substitute(expand(word, self.env), mounts) for word in words]
+        if self.argv and self.argv[0] in ("python", "python3"):
+            self.argv[0] = sys.executable
+        self.cwd = pod_dir / "cwd" / self.name
+        if spec.get("workingDir"):
+            self.cwd = Path(substitute(spec["workingDir"], mounts))
+            if not self.cwd.exists():  # a directory of the image: made under the pod's own root
+                self.cwd = pod_dir / "rootfs" / spec["workingDir"].lstrip("/")
+        self.cwd.mkdir(parents=True, exist_ok=True)
 
     def status(self) -> Obj:
         running = "running" in self.state
@@ -131,6 +153,7 @@ class PodRun(threading.Thread):
         self.deleted = False
         self.finished = False  # final status reported
         self.evicted: str = ""  # the status message when the kubelet evicted the pod
+        self.error: str = ""  # the status message when the test kubelet itself failed
         self.lock = threading.Lock()
         self.started_at = now()
         self.init = self._containers("initContainers")
@@ -179,7 +202,7 @@ class PodRun(threading.Thread):
             for c in self.all:
                 if "terminated" not in c.state:
                     c.finish(128, "StartError")
-            phase, self.evicted = "Failed", f"test kubelet error: {err!r}"
+            phase, self.error = "Failed", f"test kubelet error: {err!r}"
         self._report(phase)
         with self.lock:
             self.finished = True
@@ -188,16 +211,20 @@ class PodRun(threading.Thread):
 
     def _run(self) -> str:
         ctx = PodContext(self.kubelet.rest, self.pod, self.dir, self.kubelet.api_port)
-        while True:  # a missing Secret or ConfigMap may still appear, as with a real kubelet
+        # Retried like a real kubelet does: a missing Secret or ConfigMap may still appear, and the
+        # Node authorizer learns that a pod is bound here a moment after the binding (403 until then).
+        while True:
             try:
                 ctx.make_volumes()
+                for container in self.all:
+                    container.prepare(ctx, self.dir)
                 break
-            except ConfigError as err:
+            except (ConfigError, HttpError) as err:
                 self._waiting("CreateContainerConfigError", str(err))
-                if self._wait_or_terminated(1.0):
+                if self._wait_or_terminated(0.5):
                     return "Failed"
         for container in self.init:
-            self._start(ctx, container)
+            self._start(container)
             self._report("Pending")
             self._wait([container])
             if container.state["terminated"]["exitCode"] != 0 or self.deadline is not None:
@@ -205,7 +232,7 @@ class PodRun(threading.Thread):
                     c.state = {"waiting": {"reason": "PodInitializing"}}
                 return "Failed"
         for container in self.main:
-            self._start(ctx, container)
+            self._start(container)
         self._report("Running")
         self._wait(self.main)
         if self.evicted:
@@ -222,28 +249,12 @@ class PodRun(threading.Thread):
             c.state = {"waiting": {"reason": reason, "message": message}}
         self._report("Pending")
 
-    def _start(self, ctx: PodContext, container: Container) -> None:
-        spec = container.spec
-        container.termination_file.parent.mkdir(parents=True, exist_ok=True)
-        container.termination_file.write_bytes(b"")
-        mounts = ctx.mounts(spec, container.termination_file)
-        env = ctx.env(spec, mounts)
-        argv = [
-            substitute(expand(a, env), mounts)
-            for a in [*(spec.get("command") or []), *(spec.get("args") or [])]
-        ]
-        if argv and argv[0] in ("python", "python3"):
-            argv[0] = sys.executable
-        cwd = self.dir / "cwd" / container.name
-        if spec.get("workingDir"):
-            cwd = Path(substitute(spec["workingDir"], mounts))
-            if not cwd.exists():  # a directory of the image: made under the pod's own root
-                cwd = self.dir / "rootfs" / spec["workingDir"].lstrip("/")
-        cwd.mkdir(parents=True, exist_ok=True)
+    def _start(self, container: Container) -> None:
         container.started_at = now()
         if self.deadline is not None:
             container.finish(137, "Error")
             return
+        argv = container.argv
         if not argv:
             container.log.write_text("test kubelet: no command; an image's entrypoint cannot run locally\n")
             container.finish(128, "StartError")
@@ -252,8 +263,8 @@ class PodRun(threading.Thread):
             try:
                 container.popen = subprocess.Popen(
                     argv,
-                    cwd=cwd,
-                    env=env,
+                    cwd=container.cwd,
+                    env=container.env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -309,6 +320,8 @@ class PodRun(threading.Thread):
             status["initContainerStatuses"] = [c.status() for c in self.init]
         if self.evicted and done:
             status |= {"reason": "Evicted", "message": self.evicted}
+        elif self.error and done:
+            status |= {"reason": "LocalkubeError", "message": self.error}
         self.kubelet.patch_status(self.ns, self.pod_name, self.uid, status)
 
 

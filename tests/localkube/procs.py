@@ -59,8 +59,9 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM to the process group, then SIGKILL after `grace` seconds."""
+    def stop(self, grace: float = 2.0) -> None:
+        """SIGTERM to the process group, then SIGKILL after `grace` seconds (kube-apiserver waits
+        for its watches longer than a test run is worth: its data is thrown away anyway)."""
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.popen.pid, sig)
