@@ -31,3 +31,12 @@ crds: venv
 
 test: venv lint
 	$(PY) -m pytest
+
+# A real control plane (kube-apiserver, etcd, ...; hack/cluster-bins.sh builds them once into
+# $(CACHE)), the test kubelet's GPU node and S3, for a person: prints `export KUBECONFIG=...`.
+.PHONY: cluster cluster-bins
+cluster-bins:
+	FINETUNE_CACHE=$(CACHE) hack/cluster-bins.sh
+
+cluster: venv cluster-bins
+	FINETUNE_CACHE=$(CACHE) $(PY) -m localkube

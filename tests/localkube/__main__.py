@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import tempfile
@@ -22,6 +23,7 @@ def main() -> int:
         print(f"missing in {bin_dir()}: {', '.join(absent)}; run {BUILD_SCRIPT}", file=sys.stderr)
         return 1
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="localkube-"))
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log: one line a request
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
