@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/tests
 
-.PHONY: demo test lint crds venv
+.PHONY: demo test lint crds venv llama-tools
 
 venv: $(VENV)/.synced
 
@@ -29,8 +29,18 @@ lint: venv
 crds: venv
 	$(PY) -m finetune_operator crds
 
-test: venv lint
-	$(PY) -m pytest
+# llama.cpp's HF -> GGUF converter, from the llama-cpp-python sdist, into $(CACHE).
+llama-tools:
+	FINETUNE_CACHE=$(CACHE) PYTHON=$(PY) hack/llama-tools.sh
+
+# On a brand-new machine this builds the Kubernetes binaries (~15 min on 2 cores), the Python
+# environment (torch, ~5 min) and llama.cpp (~7 min) once; later runs reuse $(CACHE) and uv's cache.
+test: venv lint cluster-bins llama-tools
+	FINETUNE_CACHE=$(CACHE) $(PY) -m pytest
+
+# The main job end to end on embedded defaults: a tiny model trained on the CPU from examples/tiny.
+demo: venv llama-tools
+	FINETUNE_CACHE=$(CACHE) hack/demo-trainer.sh $(PY)
 
 # A real control plane (kube-apiserver, etcd, ...; hack/cluster-bins.sh builds them once into
 # $(CACHE)), the test kubelet's GPU node and S3, for a person: prints `export KUBECONFIG=...`.
