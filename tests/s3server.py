@@ -30,6 +30,6 @@ def start_moto_server(port: int = 0) -> tuple[str, Callable[[], None]]:
         server.stop()
         # stop() ends serve_forever but leaves the socket listening: connections would hang
         # instead of being refused, and the port could not be bound again.
-        server._server.server_close()  # noqa: SLF001
+        server._server.server_close()
 
     return f"http://{host}:{bound}", stop

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -28,18 +27,24 @@ from finetune_trainer.checkpoints import (
     resolve_resume,
     step_prefix,
 )
-from finetune_trainer.storage import LocalStore, ObjectInfo, ObjectNotFound, ObjectStore, S3Store, sha256_file
+from finetune_trainer.storage import (
+    LocalStore,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    S3Store,
+    sha256_file,
+)
+from localkube.s3 import S3
 from s3server import TEST_CREDENTIALS, start_moto_server
 
 
-@pytest.fixture(scope="module")
-def moto_s3() -> Iterator[str]:
-    """Endpoint of a moto S3 server shared by this module's tests (each uses its own bucket)."""
-    with pytest.MonkeyPatch.context() as env:
-        aws_credentials(env)
-        endpoint, stop = start_moto_server()
-        yield endpoint
-        stop()
+@pytest.fixture
+def moto_s3(s3: S3, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Endpoint of the session's S3 server (localkube's `s3`), with its credentials in the
+    environment, where S3Store reads them. Each test uses a bucket of its own."""
+    aws_credentials(monkeypatch)
+    return s3.endpoint_url
 
 
 def aws_credentials(env: pytest.MonkeyPatch) -> None:
@@ -130,7 +135,9 @@ def stored_steps(store: ObjectStore) -> set[int]:
     return {int(o.key.split("/")[1].removeprefix("step-")) for o in store.list("checkpoints/")}
 
 
-def upload(store: ObjectStore, tmp_path: Path, fingerprint: str, steps: list[int], keep_last: int = 10) -> None:
+def upload(
+    store: ObjectStore, tmp_path: Path, fingerprint: str, steps: list[int], keep_last: int = 10
+) -> None:
     with CheckpointUploader(
         store, fingerprint, keep_last, max_attempts=2, backoff=0.01, skip_superseded=False
     ) as uploader:
@@ -196,7 +203,9 @@ def test_manifest_is_written_after_every_file(store: ObjectStore, tmp_path: Path
     ]
 
 
-def test_submit_returns_at_once_and_the_caller_may_delete_its_folder(store: ObjectStore, tmp_path: Path) -> None:
+def test_submit_returns_at_once_and_the_caller_may_delete_its_folder(
+    store: ObjectStore, tmp_path: Path
+) -> None:
     gated = GatedStore(store)
     with CheckpointUploader(gated, "fp", keep_last=2, max_attempts=1) as uploader:
         folder = local_checkpoint(tmp_path / "work", 10)
@@ -249,7 +258,9 @@ def put_partial(store: ObjectStore, tmp_path: Path, step: int, fingerprint: str,
     for f in files[:-1]:
         store.put_file(step_prefix(step) + f["path"], folder / f["path"])
     if manifest:
-        store.put_bytes(step_prefix(step) + MANIFEST_NAME, encode_manifest(build_manifest(step, fingerprint, files)))
+        store.put_bytes(
+            step_prefix(step) + MANIFEST_NAME, encode_manifest(build_manifest(step, fingerprint, files))
+        )
 
 
 def test_half_uploaded_checkpoints_are_skipped(store: ObjectStore, tmp_path: Path) -> None:
@@ -272,6 +283,13 @@ def test_checkpoints_of_another_config_are_never_used(store: ObjectStore, tmp_pa
     assert resolve_resume(store, "config-c", tmp_path / "c") is None
     # config-b's pruning kept config-a's checkpoint: it is not config-b's to judge.
     assert stored_steps(store) == {10, 30}
+
+
+def test_a_newer_trainers_checkpoints_are_left_alone(store: ObjectStore, tmp_path: Path) -> None:
+    put_partial(store, tmp_path, 5, "fp", manifest=False)
+    store.put_bytes("checkpoints/step-00000005/manifest.json", b'{"format_version": 2}')
+    upload(store, tmp_path, "fp", [10, 20], keep_last=1)
+    assert stored_steps(store) == {5, 20}
 
 
 def test_corrupted_file_is_caught_by_sha256_and_the_previous_checkpoint_used(
@@ -334,7 +352,12 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     store = s3_store(endpoint, bucket, max_attempts=1)
     completed: list[CheckpointRef] = []
     uploader = CheckpointUploader(
-        store, "fp", keep_last=2, max_attempts=3, backoff=0.01, on_complete=lambda ref, _: completed.append(ref)
+        store,
+        "fp",
+        keep_last=2,
+        max_attempts=3,
+        backoff=0.01,
+        on_complete=lambda ref, _: completed.append(ref),
     )
     try:
         stop()  # the port now refuses connections

@@ -9,6 +9,7 @@ from finetune_trainer.checkpoints import (
     FINGERPRINT_EXCLUDED,
     MANIFEST_NAME,
     ManifestError,
+    NewerManifestError,
     build_manifest,
     config_fingerprint,
     deletion_order,
@@ -81,7 +82,8 @@ def _broken(**changes: object) -> bytes:
     [
         (b"{not json", "not JSON"),
         (b"[]", "JSON object"),
-        (_broken(format_version=2), "format_version"),
+        (_broken(format_version=0), "format_version"),
+        (_broken(format_version="1"), "format_version"),
         (_broken(step="20"), "manifest.step"),
         (_broken(step=True), "manifest.step"),
         (_broken(fingerprint=None), "manifest.fingerprint"),
@@ -100,11 +102,19 @@ def test_parse_manifest_names_the_field_at_fault(data: bytes, field: str) -> Non
         parse_manifest(data)
 
 
+def test_a_newer_manifest_format_is_recognised_as_such() -> None:
+    """A newer trainer's checkpoints are not this one's to read, nor to prune as garbage."""
+    with pytest.raises(NewerManifestError, match="newer"):
+        parse_manifest(_broken(format_version=2))
+
+
 def test_manifest_problem() -> None:
     manifest = build_manifest(20, "fp", files())
     present = {"adapter_model.safetensors": 10, "optimizer/state.pt": 3, MANIFEST_NAME: 99}
     assert manifest_problem(manifest, step=20, fingerprint="fp", present=present) is None
-    assert "another training config" in manifest_problem(manifest, step=20, fingerprint="other", present=present)
+    assert "another training config" in manifest_problem(
+        manifest, step=20, fingerprint="other", present=present
+    )
     assert "step 20" in manifest_problem(manifest, step=30, fingerprint="fp", present=present)
     missing = {k: v for k, v in present.items() if k != "optimizer/state.pt"}
     assert "optimizer/state.pt is missing" in manifest_problem(
@@ -143,7 +153,11 @@ def test_prune_rejects_keep_last_zero() -> None:
 
 def test_manifests_are_deleted_before_files() -> None:
     manifests, rest = deletion_order(
-        ["checkpoints/step-00000010/a", "checkpoints/step-00000010/manifest.json", "checkpoints/step-00000020/b"]
+        [
+            "checkpoints/step-00000010/a",
+            "checkpoints/step-00000010/manifest.json",
+            "checkpoints/step-00000020/b",
+        ]
     )
     assert manifests == ["checkpoints/step-00000010/manifest.json"]
     assert rest == ["checkpoints/step-00000010/a", "checkpoints/step-00000020/b"]

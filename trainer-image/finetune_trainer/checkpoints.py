@@ -137,7 +137,11 @@ class ManifestError(ValueError):
     """A manifest that does not parse or is not shaped as FORMAT_VERSION says."""
 
 
-class CorruptCheckpoint(Exception):
+class NewerManifestError(ManifestError):
+    """A manifest of a later format: written by a newer trainer, left alone by this one."""
+
+
+class CorruptCheckpoint(Exception):  # noqa: N818 (name fixed by the trainer's API contract)
     """A checkpoint file is missing or its bytes differ from the manifest after download."""
 
     def __init__(self, step: int, path: str, reason: str) -> None:
@@ -184,6 +188,10 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ManifestError("manifest: expected a JSON object")
     version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise NewerManifestError(
+            f"manifest.format_version: {version} is newer than this trainer's {FORMAT_VERSION}"
+        )
     if version != FORMAT_VERSION:
         raise ManifestError(f"manifest.format_version: expected {FORMAT_VERSION}, got {version!r}")
     for name, kind in (("step", int), ("fingerprint", str), ("created_at", str), ("files", list)):
@@ -299,7 +307,7 @@ class Survey:
     complete: list[CheckpointRef]
     """Newest first."""
     foreign: set[int]
-    """Steps with a valid manifest of another config."""
+    """Steps with a valid manifest of another config, or of a newer manifest format."""
 
 
 def survey(store: ObjectStore, fingerprint: str) -> Survey:
@@ -317,6 +325,10 @@ def survey(store: ObjectStore, fingerprint: str) -> Survey:
             manifest = parse_manifest(store.get_bytes(prefix + MANIFEST_NAME))
         except ObjectNotFound:
             log.info("checkpoint step %d: manifest deleted while listing, skipped", step)
+            continue
+        except NewerManifestError as e:
+            foreign.add(step)
+            log.info("checkpoint step %d: not used: %s", step, e)
             continue
         except ManifestError as e:
             log.warning("checkpoint step %d: unreadable manifest, skipped: %s", step, e)
@@ -354,7 +366,9 @@ def download(store: ObjectStore, ref: CheckpointRef, dest: Path) -> Path:
             raise CorruptCheckpoint(ref.step, path, f"{size} bytes, manifest says {entry['size']}")
         digest = sha256_file(target)
         if digest != entry["sha256"]:
-            raise CorruptCheckpoint(ref.step, path, f"sha256 {digest[:12]}, manifest says {entry['sha256'][:12]}")
+            raise CorruptCheckpoint(
+                ref.step, path, f"sha256 {digest[:12]}, manifest says {entry['sha256'][:12]}"
+            )
     return dest
 
 
@@ -382,7 +396,11 @@ def describe_files(folder: Path) -> list[dict[str, Any]]:
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         files.append(
-            {"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size, "sha256": sha256_file(path)}
+            {
+                "path": path.relative_to(folder).as_posix(),
+                "size": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
         )
     return files
 
@@ -499,6 +517,8 @@ class CheckpointUploader:
         """Queue the checkpoint in `local_dir` (a folder of files) for upload as `step`."""
         if not local_dir.is_dir():
             raise NotADirectoryError(f"checkpoint folder {local_dir}: expected a directory")
+        if not any(p.is_file() for p in local_dir.rglob("*")):
+            raise ValueError(f"checkpoint folder {local_dir}: expected files, found none")
         if (local_dir / MANIFEST_NAME).exists():
             raise ValueError(f"checkpoint folder {local_dir}: {MANIFEST_NAME} is reserved for the manifest")
         step_prefix(step)  # validates the step
@@ -559,7 +579,9 @@ class CheckpointUploader:
         while True:
             job, skipped = self._take()
             for old in skipped:
-                log.warning("checkpoint step %d: skipped, a newer one was submitted before its upload began", old.step)
+                log.warning(
+                    "checkpoint step %d: skipped, a newer one was submitted before its upload began", old.step
+                )
                 self._finish(old, superseded=True)
             if job is None:
                 return

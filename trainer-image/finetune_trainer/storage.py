@@ -22,8 +22,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
+
+import boto3
+from boto3.exceptions import Boto3Error
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from finetune_trainer.errors import ConfigError
 
@@ -57,7 +63,7 @@ class StorageError(Exception):
         self.retryable = retryable
 
 
-class ObjectNotFound(StorageError):
+class ObjectNotFound(StorageError):  # noqa: N818 (other modules import this name)
     """The key does not exist."""
 
     def __init__(self, uri: str) -> None:
@@ -256,7 +262,14 @@ _PERMANENT_CODES = frozenset(
 
 
 _TRANSIENT_CODES = frozenset(
-    {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "InternalError"}
+    {
+        "RequestTimeout",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalError",
+    }
 )
 
 
@@ -264,7 +277,7 @@ _SESSION_LOCK = threading.Lock()
 
 
 @functools.cache
-def _shared_session(boto3: Any) -> Any:
+def _shared_session() -> boto3.session.Session:
     """One boto3 session per process: building one loads the service models (a third of a second),
     and sessions are not thread-safe, so clients are created from it under _SESSION_LOCK."""
     return boto3.session.Session()
@@ -314,10 +327,6 @@ class S3Store:
         multipart_chunksize: int = 64 << 20,
         max_concurrency: int = 4,
     ) -> None:
-        import boto3
-        from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
-
         self.bucket, self.prefix = split_s3_uri(uri)
         self.endpoint = endpoint
         self.upload_attempts = upload_attempts
@@ -330,7 +339,7 @@ class S3Store:
             s3={"addressing_style": "path"} if endpoint else {},
         )
         with _SESSION_LOCK:
-            session = _shared_session(boto3)
+            session = _shared_session()
             self._client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -348,8 +357,6 @@ class S3Store:
 
     def _error(self, e: Exception, what: str, key: str) -> StorageError:
         """Translate a boto error into a StorageError naming the object (never credentials)."""
-        from botocore.exceptions import ClientError
-
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, ClientError):
             cause = cause.__cause__ or cause.__context__
@@ -366,9 +373,6 @@ class S3Store:
         return StorageError(f"{what} {self.uri(key)}: {type(e).__name__}: {e}")
 
     def _call(self, what: str, key: str, op: Callable[[], T]) -> T:
-        from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             return op()
         except (BotoCoreError, ClientError, Boto3Error) as e:
@@ -408,9 +412,11 @@ class S3Store:
 
     def get_bytes(self, key: str) -> bytes:
         full = self._key(key)
-        return self._call(
-            "download", key, lambda: self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
-        )
+
+        def fetch() -> bytes:
+            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+
+        return self._call("download", key, fetch)
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""
