@@ -440,9 +440,17 @@ def render_docs() -> str:
 
 
 def targets(out: str | None) -> dict[Path, str]:
-    """Generated text by destination: crds/ and docs/ of the repository, or both files in `out`."""
-    crd_dir, docs_dir = (Path(out), Path(out)) if out else (REPO / "crds", REPO / "docs")
-    return {crd_dir / CRD_FILE: render_crd(), docs_dir / DOCS_FILE: render_docs()}
+    """Generated text by destination: crds/, the Helm chart's crds/ and docs/ of the repository, or
+    the CRD and the docs in `out`. The chart gets its own copy because Helm installs CRDs only from
+    the chart folder; writing both here keeps them identical."""
+    crd = render_crd()
+    if out:
+        return {Path(out) / CRD_FILE: crd, Path(out) / DOCS_FILE: render_docs()}
+    return {
+        REPO / "crds" / CRD_FILE: crd,
+        REPO / "charts" / "finetune-operator" / "crds" / CRD_FILE: crd,
+        REPO / "docs" / DOCS_FILE: render_docs(),
+    }
 
 
 def drift(files: dict[Path, str]) -> dict[Path, str]:
