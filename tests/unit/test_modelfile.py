@@ -20,10 +20,6 @@ def test_r1_template_ends_in_an_open_think_block() -> None:
     assert 'PARAMETER stop "### Question:"' in text
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    reason="templates.render_prompt passes the first placeholder twice to str.format (reported)",
-)
 def test_custom_template_stops_before_the_answer() -> None:
     template = PromptTemplate(type="custom", format="Q: {question}\nA: {answer}")
     assert 'TEMPLATE """Q: {{ .Prompt }}\nA: """' in modelfile_for(template, "m.gguf", None)
