@@ -156,6 +156,7 @@ class PodRun(threading.Thread):
         self.error: str = ""  # the status message when the test kubelet itself failed
         self.lock = threading.Lock()
         self.started_at = now()
+        self.conditions: dict[str, Obj] = {}
         self.init = self._containers("initContainers")
         self.main = self._containers("containers")
         self.all = self.init + self.main
@@ -296,6 +297,15 @@ class PodRun(threading.Thread):
 
     # -- status ----------------------------------------------------------------------------------
 
+    def _transitions(self, conditions: list[Obj]) -> list[Obj]:
+        """Keep lastTransitionTime of a condition whose status did not change, as the kubelet does."""
+        for cond in conditions:
+            previous = self.conditions.get(cond["type"])
+            if previous and previous["status"] == cond["status"]:
+                cond["lastTransitionTime"] = previous["lastTransitionTime"]
+            self.conditions[cond["type"]] = cond
+        return conditions
+
     def _report(self, phase: str) -> None:
         running = phase == "Running"
         done = phase in ("Succeeded", "Failed")
@@ -308,12 +318,14 @@ class PodRun(threading.Thread):
             "podIP": POD_IP,
             "podIPs": [{"ip": POD_IP}],
             "startTime": self.started_at,
-            "conditions": [
-                _condition("PodReadyToStartContainers", not done),
-                _condition("Initialized", initialized, "" if initialized else "ContainersNotInitialized"),
-                _condition("ContainersReady", running, ready_reason),
-                _condition("Ready", running, ready_reason),
-            ],
+            "conditions": self._transitions(
+                [
+                    _condition("PodReadyToStartContainers", not done),
+                    _condition("Initialized", initialized, "" if initialized else "ContainersNotInitialized"),
+                    _condition("ContainersReady", running, ready_reason),
+                    _condition("Ready", running, ready_reason),
+                ]
+            ),
             "containerStatuses": [c.status() for c in self.main],
         }
         if self.init:
