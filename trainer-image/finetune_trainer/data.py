@@ -86,6 +86,8 @@ def load_rows(source: DataSource, storage: StorageSpec, workdir: Path) -> datase
             path = _local_copy(source, storage, workdir) if source.s3 else Path(source.path or "")
             if not path.is_file():
                 raise ConfigError(field, f"no such file: {path}")
+            if path.stat().st_size == 0:
+                raise ConfigError(field, f"{path} is empty: the data set has no rows")
             builder = builder_for(source, path.name)
             rows = datasets.load_dataset(
                 builder, data_files={split_name: str(path)}, split=source.split, cache_dir=cache
@@ -192,18 +194,15 @@ class PreparedData:
 
 
 def prepare(
-    source: DataSource,
+    rows: datasets.Dataset,
     template: PromptTemplate,
     *,
-    storage: StorageSpec,
     tokenizer: Any,
     max_seq_length: int,
-    workdir: Path,
 ) -> PreparedData:
-    """Load, render, tokenize and check: the whole of preflight's data work."""
+    """Render, tokenize and check loaded rows: the data half of preflight."""
     import datasets
 
-    rows = load_rows(source, storage, workdir)
     texts = render_all(rows, template, tokenizer.eos_token, chat_renderer(tokenizer))
     # Chat templates write their own BOS; adding another would double it.
     encoded, lengths = tokenize(texts, tokenizer, max_seq_length, add_special_tokens=template.type != "chat")

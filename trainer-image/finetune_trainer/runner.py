@@ -91,6 +91,7 @@ def run(job: Job, device_request: str = "auto", json_lines: bool = True) -> int:
         reporter.close()
     if server is not None:
         server.close()
+    stop.uninstall()
     if temporary:
         shutil.rmtree(workdir, ignore_errors=True)
     return code

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class StopRequest:
         self._event = threading.Event()
         self.received_at: float | None = None
         self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -41,8 +43,14 @@ class StopRequest:
 
     def install(self) -> None:
         """Route SIGTERM and SIGINT to this flag (main thread only)."""
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        """Give SIGTERM and SIGINT back to the handlers they had before `install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

@@ -316,6 +316,24 @@ class ProgressCallback(_Callback):
             self.bar.close()
 
 
+def adapters_to_fp32(model: Any) -> int:
+    """Keep the trainable (LoRA) weights in fp32; returns how many were cast.
+
+    TRL's SFTTrainer casts a quantized model's adapters to bf16 when it is built, but resuming loads
+    the checkpoint's adapter through PEFT, which upcasts it to fp32: a resumed run would then train
+    other weights than the uninterrupted one. fp32 on both sides makes resume exact; the adapters
+    are small (~42M parameters for r16 on an 8B model), and Unsloth keeps them in fp32 too.
+    """
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+            cast += 1
+    return cast
+
+
 def _gpu_memory_gib(device: str) -> float | None:
     if device != "cuda":
         return None
@@ -385,6 +403,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[progress_cb, checkpoint_cb],
     )
+    adapters_to_fp32(trainer.model)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(HFProgressCallback)
     log.info(

@@ -1,0 +1,156 @@
+"""Data loading, the length figures and the fit checks of preflight (real files, real tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from finetune_trainer import data, preflight
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.jobfile import parse_job
+from finetune_trainer.spec import DataSource, StorageSpec
+from trainer_fixtures import alpaca_rows, write_jsonl
+
+STORAGE = StorageSpec()
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert [data.percentile(values, q) for q in (50, 95, 100)] == [50, 95, 100]
+    assert data.percentile([7], 95) == 7
+
+
+def test_stats_count_truncated_rows_and_refuse_data_that_cannot_fit() -> None:
+    figures = data.stats(["first"], [10, 20, 30, 200], max_seq_length=100)
+    assert (figures.rows, figures.p50, figures.max, figures.truncated) == (4, 20, 200, 1)
+    assert figures.truncated_share == 0.25
+    with pytest.raises(ConfigError) as e:
+        data.stats(["x"], [150, 200], max_seq_length=100)
+    assert e.value.field == "spec.model.maxSeqLength" and "shortest 150" in e.value.message
+    with pytest.raises(ConfigError, match="no rows"):
+        data.stats([], [], max_seq_length=100)
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "expected"),
+    [
+        ("a.jsonl", "auto", "json"),
+        ("a.JSON", "auto", "json"),
+        ("a.parquet", "auto", "parquet"),
+        ("a.txt", "csv", "csv"),
+    ],
+)
+def test_builder_from_extension_or_format(name: str, fmt: str, expected: str) -> None:
+    assert data.builder_for(DataSource(path=name, format=fmt), name) == expected
+
+
+def test_unknown_extension_names_the_format_field() -> None:
+    with pytest.raises(ConfigError) as e:
+        data.builder_for(DataSource(path="rows.txt"), "rows.txt")
+    assert e.value.field == "spec.data.format"
+
+
+def write_formats(folder: Path, rows: list[dict[str, str]]) -> dict[str, Path]:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    paths = {
+        "jsonl": write_jsonl(folder / "rows.jsonl", rows),
+        "json": folder / "rows.json",
+        "csv": folder / "rows.csv",
+        "parquet": folder / "rows.parquet",
+    }
+    paths["json"].write_text(json.dumps(rows))
+    frame.to_csv(paths["csv"], index=False)
+    frame.to_parquet(paths["parquet"])
+    return paths
+
+
+def test_every_file_format_loads_the_same_rows_with_a_split_slice(tmp_path: Path) -> None:
+    rows = alpaca_rows(10)
+    for kind, path in write_formats(tmp_path, rows).items():
+        loaded = data.load_rows(DataSource(path=str(path), split="train[2:5]"), STORAGE, tmp_path / kind)
+        assert [r["instruction"] for r in loaded] == [r["instruction"] for r in rows[2:5]], kind
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n',
+            "cannot read the data set",
+        ),
+        ("", "no rows"),
+    ],
+)
+def test_malformed_or_empty_data_names_the_source_field(tmp_path: Path, content: str, words: str) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as e:
+        data.load_rows(DataSource(path=str(path)), STORAGE, tmp_path)
+    assert e.value.field == "spec.data.path"
+    assert words in e.value.message
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        data.load_rows(DataSource(path=str(tmp_path / "nope.jsonl")), STORAGE, tmp_path)
+
+
+def job_for(model: Path, rows: Path, max_seq_length: int = 256, **template: object) -> object:
+    spec = {
+        "model": {"path": str(model), "maxSeqLength": max_seq_length},
+        "data": {"path": str(rows)},
+        "template": template or {"type": "custom", "format": "{text}"},
+    }
+    return parse_job(spec).spec
+
+
+def test_preflight_figures_on_known_lengths(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # 20 rows of growing length; the figures must be those of the tokenizer's own counts
+    texts = [" ".join(["fever"] * (4 * i + 1)) for i in range(20)]
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": t} for t in texts])
+    lengths = [len(tokenizer(t + tokenizer.eos_token)["input_ids"]) for t in texts]
+    limit = sorted(lengths)[15]  # 4 rows longer than this
+    checked = preflight.check(job_for(tiny_model_dir, rows, max_seq_length=max(64, limit)), tmp_path)
+    figures = checked.data.stats
+    assert lengths == sorted(lengths) and lengths[0] >= 3
+    assert (figures.rows, figures.max) == (20, lengths[-1])
+    assert (figures.p50, figures.p95) == (lengths[9], lengths[18])
+    assert figures.truncated == sum(n > max(64, limit) for n in lengths)
+    assert figures.example == texts[0] + tokenizer.eos_token
+    stored = checked.data.dataset["input_ids"]
+    assert max(len(ids) for ids in stored) == min(lengths[-1], max(64, limit))
+    assert stored[0][0] == tokenizer.bos_token_id and stored[0][-1] == tokenizer.eos_token_id
+    report = preflight.report(figures)
+    assert f"p50 {figures.p50}, p95 {figures.p95}, max {figures.max}" in report
+
+
+def test_preflight_checks_columns_before_loading_the_tokenizer(tmp_path: Path, alpaca_jsonl: Path) -> None:
+    spec = job_for(tmp_path / "no-model-here", alpaca_jsonl, type="r1-reasoning")
+    with pytest.raises(ConfigError) as e:
+        preflight.check(spec, tmp_path)
+    assert e.value.field == "spec.template.fields"
+    assert "'Question'" in e.value.message and "input, instruction, output" in e.value.message
+
+
+def test_preflight_refuses_rows_that_never_fit(tiny_model_dir: Path, r1_jsonl: Path, tmp_path: Path) -> None:
+    spec = job_for(tiny_model_dir, r1_jsonl, max_seq_length=64, type="r1-reasoning")
+    with pytest.raises(ConfigError) as e:
+        preflight.check(spec, tmp_path)
+    assert e.value.field == "spec.model.maxSeqLength"
+
+
+def test_chat_template_goes_through_the_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rows = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "ka lo"}, {"role": "assistant", "content": "mi ne"}]}] * 3,
+    )
+    spec = job_for(tiny_model_dir, rows, type="chat")
+    with pytest.raises(ConfigError) as e:  # the tiny tokenizer has no chat template
+        preflight.check(spec, tmp_path)
+    assert e.value.field == "spec.template.type"
