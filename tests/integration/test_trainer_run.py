@@ -1,24 +1,27 @@
-"""The real trainer (`python -m finetune_trainer run`) on a tiny 4-bit Llama against a real S3
-server (moto's standalone server over HTTP), in subprocesses, as a pod would run it.
+"""The real trainer on a tiny 4-bit Llama against a real S3 server (moto's standalone server over
+HTTP). The SIGTERM run and the config-error run are subprocesses (`python -m finetune_trainer
+run`, exit codes as a pod reports them); the other runs call `runner.run` in this process.
 
 Uses the `s3` fixture of tests/localkube (moto over HTTP); each scenario gets its own bucket.
 
-Scenario (module fixture, runs once): an uninterrupted run; the same job stopped by SIGTERM after
-step STOP_AFTER is logged; a half-uploaded and a corrupt checkpoint planted above the real one; a
-run of another training config on the same prefix; the first job restarted. The tests then check
-exit codes, what is in S3, which checkpoint was resumed, and that the resumed per-step losses
-equal the uninterrupted run's.
+Scenario (module fixture, runs once): an uninterrupted run; the same job stopped by SIGTERM
+after step STOP_AFTER is logged (the subprocess, signalled as a pod is); a half-uploaded and a
+corrupt checkpoint planted above the real one; a run of another training config on the same
+prefix; the first job restarted. The tests then check exit codes, what is in S3, which checkpoint
+was resumed, and that the resumed per-step losses equal the uninterrupted run's.
 
 Tolerance for the losses: none (exact float equality). On the CPU every kernel is deterministic for
 a fixed thread count, the resumed run restores the adapter, optimizer, scheduler and RNG states
 from the checkpoint, and HF Trainer skips the batches already seen in the epoch, so step k+1 sees
-the same weights and the same batch as in the uninterrupted run.
+the same weights and the same batch as in the uninterrupted run. (This needs the LoRA weights in
+fp32 throughout: see train.adapters_to_fp32.)
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -31,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from finetune_trainer import runner
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
+from finetune_trainer.jobfile import load_job
 from s3server import TEST_CREDENTIALS
 from trainer_fixtures import alpaca_rows, job_manifest, write_job, write_jsonl
 
@@ -75,6 +80,39 @@ def trainer_env(tmp: Path) -> dict[str, str]:
     }
     env.pop("AWS_PROFILE", None)
     return env
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None) or {}
+        self.events.append({"level": record.levelname.lower(), "msg": record.getMessage(), **fields})
+
+
+def run_in_process(job: Path, tmp: Path) -> Run:
+    """`runner.run`, the whole trainer but argument parsing, in this process: the imports are paid
+    once per test session instead of once per run (most of a tiny run's time)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    root, handler = logging.getLogger(), _Collect()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in trainer_env(tmp).items():
+                if name.startswith(("FINETUNE_", "AWS_", "HF_")):
+                    env.setenv(name, value)
+            env.delenv("AWS_PROFILE", raising=False)
+            code = runner.run(load_job(job), "cpu", json_lines=True)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    summary_file = tmp / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    return Run(code, handler.events, "\n".join(e["msg"] for e in handler.events), summary)
 
 
 def run_trainer(job: Path, tmp: Path, stop_after_step: int | None = None, command: str = "run") -> Run:
@@ -174,15 +212,15 @@ def scenario(s3: Any, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         manifest["spec"]["training"].update({"maxSteps": MAX_STEPS, **training})
         return write_job(tmp / f"{name}.yaml", manifest)
 
-    full = run_trainer(job("full", "jobs/full"), tmp / "full")
+    full = run_in_process(job("full", "jobs/full"), tmp / "full")
     main = job("main", "jobs/main")
     stopped = run_trainer(main, tmp / "stopped", stop_after_step=STOP_AFTER)
     good = stopped.summary.get("checkpointStep")
     assert stopped.code == EXIT_INTERRUPTED and good, stopped.stderr[-3000:]
     stopped_keys = keys(client, bucket, "jobs/main/checkpoints/")
     planted = plant_bad_checkpoints(client, bucket, "jobs/main", good)
-    other = run_trainer(job("other", "jobs/main", learningRate=5e-4, maxSteps=2), tmp / "other")
-    resumed = run_trainer(main, tmp / "resumed")
+    other = run_in_process(job("other", "jobs/main", learningRate=5e-4, maxSteps=2), tmp / "other")
+    resumed = run_in_process(main, tmp / "resumed")
     return Scenario(bucket, full, stopped, stopped_keys, other, resumed, planted)
 
 
