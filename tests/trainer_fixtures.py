@@ -194,11 +194,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tiny_model_dir: Path) -> Path:
-    return tiny_model_dir
-
-
-@pytest.fixture(scope="session")
 def alpaca_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 Alpaca rows (instruction / input / output)."""
     return write_jsonl(tmp_path_factory.mktemp("data") / "alpaca.jsonl", alpaca_rows(64))

@@ -31,7 +31,9 @@ def check(spec: TrainingSpec, workdir: Path, tokenizer_only: bool = False) -> Pr
     templates.check_columns(spec.template, rows.column_names)
     source = engines.resolve_model_source(spec.model, spec.storage, workdir, tokenizer_only=tokenizer_only)
     tokenizer = engines.load_tokenizer(spec, source)
-    prepared = data.prepare(rows, spec.template, tokenizer=tokenizer, max_seq_length=spec.model.max_seq_length)
+    prepared = data.prepare(
+        rows, spec.template, tokenizer=tokenizer, max_seq_length=spec.model.max_seq_length
+    )
     return Preflight(source, tokenizer, prepared)
 
 
