@@ -1,0 +1,360 @@
+"""The kopf wiring: watches feed one level-triggered reconcile per FineTuneJob.
+
+kopf is used only for its watches, indexes and event queues: every handler here is an `on.event`
+or `index` handler, which keep no state on the objects. kopf's change-detecting and spawning
+handlers (on.create/update, timers, daemons) would write bookkeeping into the object and, for
+timers, add a finalizer; the settings still point any bookkeeping at status.kopf rather than
+metadata.annotations, so nothing the user (or Argo CD) manages ever changes.
+
+Reconciles are per FineTuneJob, never concurrent for one job, and coalesced: a burst of events for
+one job while it is being reconciled leads to one more reconcile, not one per event. A periodic
+resync re-reconciles every job, repairing status after lost watch events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from finetune_operator import events
+from finetune_operator.api import API_GROUP, API_VERSION, PLURAL
+from finetune_operator.config import OperatorConfig
+from finetune_operator.jobbuilder import InvalidJobError, build_job, is_owned_by, job_spec_patch
+from finetune_operator.kube import ConflictError, Kube, NotFoundError
+from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.naming import LABEL_MANAGED_BY, MANAGED_BY, job_name
+from finetune_operator.progress_server import ProgressService
+from finetune_operator.status import derive_status, invalid_status, observe, parse_time, transition
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+SELECTOR = {LABEL_MANAGED_BY: MANAGED_BY}
+FTJ = (API_GROUP, API_VERSION, PLURAL)
+STATUS_WRITE_ATTEMPTS = 3
+
+
+def _owner(obj: Any, kind: str) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == kind:
+            return ref.get("name")
+    return None
+
+
+def gpu_seconds(pods: list[dict[str, Any]], now: datetime) -> float:
+    """GPU-seconds used by `pods`: GPUs requested x time each trainer container ran."""
+    total = 0.0
+    for pod in pods:
+        gpus = 0
+        for c in pod.get("spec", {}).get("containers") or []:
+            for k, v in ((c.get("resources") or {}).get("limits") or {}).items():
+                if k.endswith("/gpu"):
+                    gpus += int(v)
+        if not gpus:
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            run = state.get("running") or state.get("terminated") or {}
+            start = parse_time(run.get("startedAt"))
+            end = parse_time(run.get("finishedAt")) or (now if "running" in state else None)
+            if start and end:
+                total += gpus * max(0.0, (end - start).total_seconds())
+    return total
+
+
+class Controller:
+    """Caches (kopf indexes for Jobs and Pods, a dict of FineTuneJobs) and the reconcile loop."""
+
+    def __init__(self, cfg: OperatorConfig, kube: Kube, metrics: OperatorMetrics, progress: ProgressService):
+        self.cfg = cfg
+        self.kube = kube
+        self.metrics = metrics
+        self.progress = progress
+        self.ftjs: dict[Key, dict[str, Any]] = {}
+        self.job_index: Any = None
+        self.pod_index: Any = None
+        self._running: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def bind(self, kwargs: dict[str, Any]) -> None:
+        """Keep kopf's index objects (they are the same objects on every call)."""
+        self.job_index = kwargs["finetune_jobs_index"]
+        self.pod_index = kwargs["finetune_pods_index"]
+
+    def _job(self, key: Key) -> dict[str, Any] | None:
+        store = self.job_index.get((key[0], job_name(key[1]))) if self.job_index is not None else None
+        return dict(next(iter(store))) if store else None
+
+    def _pods(self, namespace: str, job: dict[str, Any]) -> list[dict[str, Any]]:
+        store = (
+            self.pod_index.get((namespace, job["metadata"]["name"])) if self.pod_index is not None else None
+        )
+        uid = job["metadata"].get("uid")
+        pods = [dict(p) for p in store or []]
+        return [
+            p
+            for p in pods
+            if any(r.get("uid") == uid for r in p.get("metadata", {}).get("ownerReferences") or [])
+        ]
+
+    async def pod_lookup(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A pod for the progress endpoint: from the cache (leader) or the API (standby)."""
+        if self.pod_index is not None:
+            for store in self.pod_index.values():
+                for pod in store:
+                    meta = pod.get("metadata", {})
+                    if meta.get("name") == name and meta.get("namespace") == namespace:
+                        return dict(pod)
+        try:
+            return await self.kube.get_pod(namespace, name)
+        except NotFoundError:
+            return None
+
+    # -- triggers ---------------------------------------------------------------------------
+
+    def ftj_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if event_type == "DELETED":
+            self.ftjs.pop(key, None)
+            self.metrics.forget(*key)
+            self.progress.forget(key)
+            return
+        self.ftjs[key] = body
+        self.progress.note_status(key, body)
+        self.metrics.observe_job(*key, body.get("status") or {})
+        self.poke(key)
+
+    def owned_event(self, body: dict[str, Any], kind: str) -> None:
+        namespace = body["metadata"]["namespace"]
+        if kind == "Pod":
+            job = _owner(body, "Job")
+            job_obj = next(iter(self.job_index.get((namespace, job)) or []), None) if job else None
+            name = _owner(job_obj, "FineTuneJob") if job_obj else None
+        else:
+            name = _owner(body, "FineTuneJob")
+        if name and (namespace, name) in self.ftjs:
+            self.poke((namespace, name))
+
+    def poke(self, key: Key) -> None:
+        """Reconcile `key` soon; coalesced with a reconcile already running for it."""
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running.add(key)
+        task = asyncio.get_running_loop().create_task(self._loop(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _loop(self, key: Key) -> None:
+        try:
+            while True:
+                self._dirty.discard(key)
+                started = time.perf_counter()
+                try:
+                    await self.reconcile(key)
+                except Exception:
+                    self.metrics.reconcile_errors.inc()
+                    log.exception("reconcile failed", extra={"fields": {"namespace": key[0], "name": key[1]}})
+                finally:
+                    self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+                if key not in self._dirty:
+                    return
+        finally:
+            self._running.discard(key)
+
+    async def resync(self) -> None:
+        """Re-reconcile every job every resyncSeconds, forever."""
+        while True:
+            await asyncio.sleep(self.cfg.resync_seconds)
+            for key in list(self.ftjs):
+                self.poke(key)
+
+    # -- the reconcile ----------------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> None:
+        ftj = self.ftjs.get(key)
+        if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+            return
+        phase = (ftj.get("status") or {}).get("phase")
+        try:
+            desired = build_job(ftj, self.cfg)
+        except InvalidJobError as e:
+            field, message = e.field, e.message
+            await self._write_status(key, ftj, lambda obj: invalid_status(obj, field, message, _now()))
+            return
+        job = self._job(key)
+        if job is None and phase not in ("Succeeded", "Failed"):
+            job = await self._create_or_adopt(key, ftj, desired)
+            if job is None:
+                return
+        if job is not None and not is_owned_by(job, ftj):
+            message = (
+                f"a Job named {job['metadata']['name']} exists that this FineTuneJob does not own; delete it"
+            )
+            await self._write_status(
+                key, ftj, lambda obj: invalid_status(obj, "metadata.name", message, _now())
+            )
+            return
+        if job is not None and phase not in ("Succeeded", "Failed"):
+            patch = job_spec_patch(ftj, job)
+            if patch:
+                job = await self.kube.patch_job(key[0], job["metadata"]["name"], patch)
+        pods = self._pods(key[0], job) if job is not None else []
+        if job is not None:
+            self.metrics.add_gpu_seconds(*key, gpu_seconds(pods, _now()))
+        report = self.progress.book.latest(key)
+        await self._write_status(
+            key, ftj, lambda obj: derive_status(obj, job, pods, report, _now()), job=job, pods=pods
+        )
+
+    async def _create_or_adopt(
+        self, key: Key, ftj: dict[str, Any], desired: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        try:
+            job = await self.kube.create_job(key[0], desired)
+            log.info("created Job %s", desired["metadata"]["name"], extra={"fields": _fields(key)})
+            return job
+        except ConflictError:
+            try:
+                job = await self.kube.get_job(key[0], desired["metadata"]["name"])
+            except NotFoundError:
+                return None  # deleted in between: the next event retries
+            log.info(
+                "Job %s already exists; adopting it",
+                desired["metadata"]["name"],
+                extra={"fields": _fields(key)},
+            )
+            return job
+
+    async def _write_status(
+        self,
+        key: Key,
+        ftj: dict[str, Any],
+        compute: Any,
+        *,
+        job: dict[str, Any] | None = None,
+        pods: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Compute and write a status patch conditional on the object's resourceVersion; on conflict
+        read the object again and recompute (so e.g. a preemption is never counted twice)."""
+        obj = ftj
+        for _ in range(STATUS_WRITE_ATTEMPTS):
+            patch = compute(obj)
+            if not patch:
+                return
+            try:
+                new = await self.kube.patch_ftj_status(*key, patch, obj["metadata"]["resourceVersion"])
+            except ConflictError:
+                try:
+                    obj = await self.kube.get_ftj(*key)
+                except NotFoundError:
+                    return
+                continue
+            except NotFoundError:
+                return
+            self._after_write(key, obj, new, patch, job=job, pods=pods or [])
+            return
+        log.warning("status write kept conflicting; the next event retries", extra={"fields": _fields(key)})
+
+    def _after_write(
+        self,
+        key: Key,
+        old: dict[str, Any],
+        new: dict[str, Any],
+        patch: dict[str, Any],
+        *,
+        job: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+    ) -> None:
+        if key in self.ftjs:
+            self.ftjs[key] = new
+        self.progress.note_status(key, new)
+        old_status = old.get("status") or {}
+        added = int(patch.get("preemptions", old_status.get("preemptions") or 0)) - int(
+            old_status.get("preemptions") or 0
+        )
+        if added > 0:
+            self.metrics.preemptions.inc(added)
+        self.metrics.observe_job(*key, new.get("status") or {})
+        moved = transition(old_status, patch)
+        if moved:
+            observed = observe(new, job, pods) if job is not None else None
+            reason = observed.reason if observed else "InvalidSpec"
+            message = patch.get("message") or ""
+            log.info(
+                "phase %s -> %s: %s",
+                moved[0],
+                moved[1],
+                message,
+                extra={"fields": {**_fields(key), "phase": moved[1], "reason": reason}},
+            )
+            event = events.transition_event(new, moved, reason, message, _now())
+            task = asyncio.get_running_loop().create_task(events.post(self.kube, event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fields(key: Key) -> dict[str, str]:
+    return {"namespace": key[0], "name": key[1]}
+
+
+# -- kopf registration ----------------------------------------------------------------------
+
+
+def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
+    """Register the handlers on `registry`; the Controller arrives through kopf's `memo`."""
+
+    @kopf.on.startup(registry=registry)
+    def settings(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+        settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diffbase")
+        settings.posting.enabled = False  # our own Events, one per transition; not kopf's per-handler ones
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.index("batch", "v1", "jobs", labels=SELECTOR, registry=registry, id="finetune_jobs_index")
+    async def finetune_jobs_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, Any]:
+        return {(namespace, name): body}
+
+    @kopf.index("v1", "pods", labels=SELECTOR, registry=registry, id="finetune_pods_index")
+    async def finetune_pods_index(namespace: str, body: kopf.Body, **_: Any) -> dict[Key, Any] | None:
+        job = _owner(body, "Job")
+        return {(namespace, job): body} if job else None
+
+    @kopf.on.event(*FTJ, registry=registry)
+    async def ftj_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        controller: Controller = memo["controller"]
+        controller.bind(kwargs)
+        controller.ftj_event(type, _plain(body))
+
+    @kopf.on.event("batch", "v1", "jobs", labels=SELECTOR, registry=registry)
+    async def job_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        controller: Controller = memo["controller"]
+        controller.bind(kwargs)
+        controller.owned_event(_plain(body), "Job")
+
+    @kopf.on.event("v1", "pods", labels=SELECTOR, registry=registry)
+    async def pod_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        controller: Controller = memo["controller"]
+        controller.bind(kwargs)
+        controller.owned_event(_plain(body), "Pod")
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    """A kopf Body as the plain dict the pure functions take (nested values are already plain)."""
+    return {k: body[k] for k in body}
