@@ -1,0 +1,40 @@
+"""e2e fixtures: the CRD installed, the operator running as a process, the tiny model and data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e.harness import CRD, OperatorProcess, operator_config
+from trainer_fixtures import alpaca_rows, write_jsonl
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Any, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The operator (cluster-wide) for the whole session; tests may kill and restart it."""
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD))
+    cluster.wait(
+        "the FineTuneJob CRD",
+        lambda: cluster.kubectl("get", "crd", "finetunejobs.finetune.dev", check=False).returncode == 0,
+    )
+    proc = OperatorProcess(cluster.kubeconfig, operator_config(s3), tmp_path_factory.mktemp("operator"))
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", alpaca_rows(64))
+
+
+@pytest.fixture
+def ns(cluster: Any, s3: Any) -> str:
+    """This test's namespace, with the S3 credentials Secret the operator's default names."""
+    namespace = cluster.namespace
+    cluster.apply(s3.secret(namespace))
+    return namespace
