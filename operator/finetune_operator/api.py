@@ -156,6 +156,12 @@ class Progress(Spec):
     """Peak GPU memory reserved."""
     phase: str | None = Field(default=None, max_length=64)
     """The trainer's own stage: Preflight, Loading, Training, Exporting, ..."""
+    batch_size: int | None = Field(default=None, ge=1)
+    """Micro-batch rows the trainer runs with (the spec's, or its choice for `batchSize: auto`)."""
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1)
+    """Micro-batches per optimizer step."""
+    batch_plan: str | None = Field(default=None, max_length=512)
+    """Why this batch: `from spec.training`, or the token budget behind an automatic choice."""
     checkpoint_failures: int | None = Field(default=None, ge=0)
     """Checkpoint uploads that failed in the current pod (the trainer retries; see CheckpointsFailing)."""
     updated_at: str | None = None

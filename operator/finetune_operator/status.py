@@ -31,6 +31,9 @@ PROGRESS_FIELDS = {
     "gpuMemoryGiB": "gpuMemoryGib",
     "checkpointFailures": "checkpointFailures",
     "phase": "phase",
+    "batchSize": "batchSize",
+    "gradientAccumulationSteps": "gradientAccumulationSteps",
+    "batchPlan": "batchPlan",
 }
 """Report field -> status.progress field (besides updatedAt)."""
 MESSAGE_LIMIT = 1024

@@ -198,6 +198,14 @@ def test_progress_from_reports_and_stale_reports_ignored() -> None:
     assert p["progress"]["step"] == 10 and "checkpoint" not in p
 
 
+def test_batch_plan_reaches_status() -> None:
+    """`batchSize: auto` is decided in the pod; status shows the choice and why."""
+    f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
+    plan = {"batchSize": 44, "gradientAccumulationSteps": 1, "batchPlan": "auto: token budget 32768"}
+    p = derive_status(f, job(), [pod()], {**report(3, "2025-03-01T11:59:30Z"), **plan}, NOW)
+    assert {k: p["progress"][k] for k in plan} == plan
+
+
 def test_checkpoint_failures_condition() -> None:
     f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
     bad = {**report(5, "2025-03-01T11:59:30Z"), "checkpointFailures": 2}

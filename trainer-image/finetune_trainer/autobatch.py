@@ -18,11 +18,7 @@ Accumulation keeps at least the effective batch the user asked for (the tutorial
 gradientAccumulationSteps); when one micro-batch already holds more rows, accumulation is 1 and the
 effective batch is the micro-batch (reported in the plan's reason, the log and the status).
 
-Hook (runner.py, in place of `batching.plan_batch` when `batchSize` is `auto`):
-    lengths = [len(ids) for ids in checked.data.dataset["input_ids"]]
-    plan = autobatch.plan_batch(spec.training.gradient_accumulation_steps, lengths, device,
-                                _free_gpu_gib(device), autobatch.model_config(checked.model_source),
-                                packing=spec.training.packing, max_seq_length=spec.model.max_seq_length)
+batching.plan calls plan_batch for `batchSize: auto`; runner.py logs the plan and reports it in status.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ class ProgressState:
     checkpoint: dict[str, Any] | None = None
     checkpoint_failures: int = 0
     resumed_from_step: int | None = None
+    batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    batch_plan: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def update(self, **changes: Any) -> None:
@@ -65,6 +68,9 @@ class ProgressState:
                 "checkpoint": dict(self.checkpoint) if self.checkpoint else None,
                 "checkpointFailures": self.checkpoint_failures,
                 "resumedFromStep": self.resumed_from_step,
+                "batchSize": self.batch_size,
+                "gradientAccumulationSteps": self.gradient_accumulation_steps,
+                "batchPlan": self.batch_plan,
             }
 
 

@@ -106,6 +106,11 @@ def _run(ctx: Context, device_request: str) -> int:
     device = engines.detect_device(device_request)
     lengths = [len(ids) for ids in checked.data.dataset["input_ids"]]
     plan = batching.plan(spec, lengths, device, _free_gpu_gib(device), checked.model_source)
+    ctx.progress.update(
+        batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        batch_plan=plan.reason,
+    )
     store = open_store(spec.storage, default_store_root(ctx.job))
     extra = (
         {"batchSize": plan.batch_size, "gradientAccumulationSteps": plan.gradient_accumulation_steps}
