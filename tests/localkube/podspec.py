@@ -43,10 +43,15 @@ def mount_env_name(mount_path: str) -> str:
 
 
 def substitute(value: str, mounts: Mapping[str, Path]) -> str:
-    """Replace each mount path in `value` by its local path (longest first, whole path segments)."""
-    for mount in sorted(mounts, key=len, reverse=True):
-        value = re.sub(re.escape(mount.rstrip("/")) + r"(?=/|$|[^\w.-])", str(mounts[mount]), value)
-    return value
+    """Replace each mount path in `value` by its local path (longest first, whole path segments).
+
+    One pass: a local path put in is never rewritten again (the local path of /etc/x usually lies
+    under /tmp, which may itself be a mount)."""
+    if not mounts:
+        return value
+    local = {mount.rstrip("/") or "/": str(path) for mount, path in mounts.items()}
+    alternatives = "|".join(re.escape(m) for m in sorted(local, key=len, reverse=True))
+    return re.sub(f"({alternatives})" + r"(?=/|$|[^\w.-])", lambda m: local[m.group(1)], value)
 
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
