@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_trainer.errors import EXIT_CONFIG_ERROR
+from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
 
 from finetune_operator.jobbuilder import CONTAINER
 
@@ -37,6 +37,10 @@ PROGRESS_FIELDS = {
 }
 """Report field -> status.progress field (besides updatedAt)."""
 MESSAGE_LIMIT = 1024
+LOSS_DIGITS = 4
+"""Decimals of the loss in status (what `kubectl get ftj` shows; the trainer's metrics keep all)."""
+STARTING_PHASES = ("Starting", "Preflight", "Loading")
+"""Trainer phases before the first step (the trainer's progress.ProgressState.phase)."""
 
 
 def rfc3339(t: datetime) -> str:
@@ -168,12 +172,41 @@ def observe(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str
         )
     if any(_running(p) for p in pods):
         return Observed("Running", "Training", "the trainer is running")
-    if any(_true(p, "DisruptionTarget") for p in pods):
+    if not active and pods:
+        ended = _between_pods(job, _by_age(pods)[-1])
+        if ended is not None:
+            return ended
+    waiting = _waiting_reason(active)
+    return Observed("Pending", "PodPending", f"waiting for the training pod{waiting}")
+
+
+def _between_pods(job: dict[str, Any], newest: dict[str, Any]) -> Observed | None:
+    """The phase while the newest pod has ended and the Job controller has not yet acted on it (no
+    Complete/Failed condition, no replacement pod): decided by how the pod ended, so the phase does
+    not flap to Pending for the moment between a pod's end and the Job's verdict."""
+    term = _terminated(newest)
+    if _true(newest, "DisruptionTarget") or (term and term.get("exitCode") == EXIT_INTERRUPTED):
         return Observed(
             "Pending", "Rescheduling", "the training pod was preempted; a new pod resumes from the checkpoint"
         )
-    waiting = _waiting_reason(active)
-    return Observed("Pending", "PodPending", f"waiting for the training pod{waiting}")
+    if term is None:
+        return None
+    code = term.get("exitCode")
+    if code == 0:
+        return Observed("Running", "Finishing", "the trainer finished; waiting for the Job to complete")
+    if code == EXIT_CONFIG_ERROR:
+        return Observed(
+            "Failed",
+            "ConfigError",
+            f"the job's configuration is wrong (fix the spec, create a new job): {_failure_text(term)}",
+        )
+    limit = (job.get("spec") or {}).get("backoffLimit")
+    return Observed(
+        "Pending",
+        "Retrying",
+        f"the trainer exited with code {code}: {_failure_text(term)}; the Job retries "
+        f"(backoffLimit {limit}) from the checkpoint",
+    )
 
 
 def _waiting_reason(pods: list[dict[str, Any]]) -> str:
@@ -341,6 +374,8 @@ def progress_from_report(report: dict[str, Any]) -> dict[str, Any]:
     }
     if "percent" not in progress and report.get("totalSteps"):
         progress["percent"] = round(100.0 * int(report.get("step") or 0) / int(report["totalSteps"]), 2)
+    if isinstance(progress.get("loss"), float):
+        progress["loss"] = round(progress["loss"], LOSS_DIGITS)
     progress["updatedAt"] = report["reportedAt"]
     return progress
 
@@ -355,10 +390,18 @@ def checkpoint_from_report(report: dict[str, Any], current: dict[str, Any] | Non
 
 
 def progress_patch(status: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
-    """status fields a report changes (progress, checkpoint); empty when the report is stale."""
+    """status fields a report changes (progress, checkpoint); empty when the report is stale.
+
+    A pod that has not begun training (it reports step 0 while it loads and resumes) does not rewind
+    the training figures a previous pod reached: only the trainer's phase and the time change until
+    it trains again."""
     if not report or not is_newer_report(report, status.get("progress")):
         return {}
-    patch: dict[str, Any] = {"progress": progress_from_report(report)}
+    progress = progress_from_report(report)
+    current = status.get("progress") or {}
+    if report.get("phase") in STARTING_PHASES and int(current.get("step") or 0) > progress.get("step", 0):
+        progress = {**current, "phase": progress.get("phase"), "updatedAt": progress["updatedAt"]}
+    patch: dict[str, Any] = {"progress": progress}
     checkpoint = checkpoint_from_report(report, status.get("checkpoint"))
     if checkpoint:
         patch["checkpoint"] = checkpoint

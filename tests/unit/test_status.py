@@ -224,3 +224,46 @@ def test_invalid_status_names_field() -> None:
     p = invalid_status(ftj(), "spec.resources.gpus", "5 GPUs requested; at most 4", NOW)
     assert p["phase"] == "Failed" and p["message"].startswith("spec.resources.gpus:")
     assert by_type(p)["Failed"]["reason"] == "InvalidSpec"
+
+
+def test_resumed_pod_starting_does_not_rewind_progress() -> None:
+    """A new pod reports step 0 while it imports, preflights and loads; status keeps the step the
+    previous pod reached until the new one trains (then its resumed step shows, even if lower)."""
+    f = apply(ftj(), {"phase": "Running", "progress": {**report(12, T0), "updatedAt": T0}})
+    starting = {**report(0, "2025-03-01T11:30:00Z"), "phase": "Preflight", "loss": None, "totalSteps": None}
+    p = progress_patch(f["status"], starting)
+    assert p["progress"]["step"] == 12 and p["progress"]["loss"] == 1.5
+    assert p["progress"]["phase"] == "Preflight" and p["progress"]["updatedAt"] == "2025-03-01T11:30:00Z"
+    f = apply(f, p)
+    p = progress_patch(f["status"], report(10, "2025-03-01T11:31:00Z"))
+    assert p["progress"]["step"] == 10 and p["progress"]["phase"] == "Training"
+    # A first pod's starting report shows as it is.
+    assert progress_patch({}, starting)["progress"]["step"] == 0
+
+
+def test_loss_rounded_for_kubectl() -> None:
+    p = progress_patch({}, {**report(3, T0), "loss": 5.2855024337768555})
+    assert p["progress"]["loss"] == 5.2855
+
+
+def test_no_phase_flap_between_pod_end_and_job_verdict() -> None:
+    """The Job controller sets Complete/Failed a moment after the pod ends; meanwhile the phase
+    follows how the pod ended instead of falling back to Pending."""
+    f = apply(ftj(), {"phase": "Running"})
+    done = pod(phase="Succeeded", running=False, exit_code=0, message="{}")
+    p = derive_status(f, job(), [done], None, NOW)
+    assert "phase" not in p and by_type(p)["Running"]["reason"] == "Finishing"
+    bad = pod(phase="Failed", running=False, exit_code=EXIT_CONFIG_ERROR, message="data.columns: no 'output'")
+    p = derive_status(f, job(), [bad], None, NOW)
+    assert p["phase"] == "Failed" and "data.columns: no 'output'" in p["message"]
+    crashed = pod(phase="Failed", running=False, exit_code=1, message="RuntimeError: boom")
+    p = derive_status(f, job(), [crashed], None, NOW)
+    assert p["phase"] == "Pending" and by_type(p)["Running"]["reason"] == "Retrying"
+    assert "code 1: RuntimeError: boom" in p["message"] and "backoffLimit 3" in p["message"]
+    stopped = pod(phase="Failed", running=False, exit_code=EXIT_INTERRUPTED)
+    assert by_type(derive_status(f, job(), [stopped], None, NOW))["Running"]["reason"] == "Rescheduling"
+    # An old preempted pod does not hide that its replacement is simply pending.
+    evicted = pod("p1", phase="Failed", running=False, exit_code=137, conditions=[cond("DisruptionTarget")])
+    waiting = pod("p2", phase="Pending", running=False, created="2025-03-01T11:05:00Z")
+    p = derive_status(f, job(), [evicted, waiting], None, NOW)
+    assert by_type(p)["Running"]["reason"] == "PodPending"
