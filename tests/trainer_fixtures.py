@@ -43,17 +43,24 @@ def corpus(lines: int = 3000, seed: int = 0) -> list[str]:
     return fixed * 50 + [words(rng, rng.randint(5, 25)) for _ in range(lines)]
 
 
-def build_tokenizer(dest: Path, vocab_size: int = 512, seed: int = 0, extra_text: Iterable[str] = ()) -> Path:
+def build_tokenizer(
+    dest: Path,
+    vocab_size: int = 512,
+    seed: int = 0,
+    extra_text: Iterable[str] = (),
+    text: Iterable[str] | None = None,
+) -> Path:
     """Train a SentencePiece BPE tokenizer (byte fallback) on generated text and save it in `dest`
     twice: as `tokenizer.model` (what llama.cpp's converter reads) and as the same vocabulary in a
     transformers LlamaTokenizer (built from the pieces: transformers' own conversion needs
-    protobuf). `extra_text` lines join the generated corpus (the demo adds its data set)."""
+    protobuf). `extra_text` lines join the generated corpus (the demo adds its data set); `text`
+    replaces it (the export test wants a vocabulary of its own few sentences only)."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     dest.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([*corpus(seed=seed), *extra_text]),
+        sentence_iterator=iter(list(text) if text is not None else [*corpus(seed=seed), *extra_text]),
         model_prefix=str(dest / "sp"),
         vocab_size=vocab_size,
         model_type="bpe",

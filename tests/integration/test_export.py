@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from s3server import TEST_CREDENTIALS, start_moto_server
+from trainer_fixtures import build_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -27,38 +28,6 @@ CORPUS = [
     "a b c d e f g h i j k l m n o p q r s t u v w x y z",
     "red green blue yellow orange purple black white",
 ]
-
-
-def build_tokenizer(folder: Path) -> None:
-    """A SentencePiece tokenizer.model (what llama.cpp's converter reads) and the same vocabulary as
-    a LlamaTokenizer (BPE with byte fallback), built from the model with the sentencepiece library
-    (transformers' own conversion needs protobuf)."""
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_prefix=str(folder / "sp"),
-        vocab_size=320,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    (folder / "sp.model").rename(folder / "tokenizer.model")
-    (folder / "sp.vocab").unlink()
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    merges = []
-    for piece in sorted(vocab, key=vocab.__getitem__):  # a merge's rank is its result's id
-        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
-        pairs = sorted((vocab[a], vocab[b], a, b) for a, b in splits if a in vocab and b in vocab)
-        merges += [(a, b) for _, _, a, b in pairs]
-    LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, legacy=False).save_pretrained(folder)
 
 
 def train_steps(model: Any, tokenizer: Any, texts: list[str], steps: int, lr: float) -> None:
@@ -89,7 +58,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny")
     base, adapter = root / "base", root / "adapter"
     base.mkdir()
-    build_tokenizer(base)
+    build_tokenizer(base, vocab_size=320, text=CORPUS * 20)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.pad_token = tokenizer.unk_token
     config = LlamaConfig(
