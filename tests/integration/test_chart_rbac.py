@@ -9,14 +9,12 @@ Running the operator itself under this token through a job to Succeeded is the o
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
-from chart_tools import CHART, KUBE_VERSION, kube_binary, run_helm
+from chart_install import installed_chart, kubectl, ok
+from chart_tools import REPO
 
 pytestmark = pytest.mark.cluster
 
@@ -75,56 +73,11 @@ DOCUMENTED = {
 }
 
 
-def kubectl(kubeconfig: str | Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [kube_binary("kubectl"), "--kubeconfig", str(kubeconfig), *args],
-        check=False, capture_output=True, text=True, input=stdin, timeout=120,
-    )  # fmt: skip
-
-
-def ok(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
-def install(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The chart installed by `helm install` (replicas=2, so the leader-election Role is there too)
-    into a namespace enforcing the restricted Pod Security Standard; a second namespace for jobs."""
-    admin = str(cluster.kubeconfig)
-    release_ns = cluster.namespace
-    team_ns = f"{release_ns}-team"
-    ok(kubectl(admin, "create", "namespace", team_ns))
-    ok(kubectl(admin, "label", "namespace", release_ns, "pod-security.kubernetes.io/enforce=restricted",
-               "pod-security.kubernetes.io/warn=restricted", "--overwrite"))  # fmt: skip
-    release = f"ftop-{release_ns[-8:]}".strip("-")
-    start = time.monotonic()
-    done = run_helm(
-        "install", release, str(CHART), "--namespace", release_ns, "--kubeconfig", admin,
-        "--set", "replicas=2", "--set", "metrics.serviceMonitor.enabled=false",
-    )  # fmt: skip
-    seconds = time.monotonic() - start
-    assert done.returncode == 0, done.stderr
-    assert "PodSecurity" not in done.stderr, (
-        f"the operator pod violates the restricted standard: {done.stderr}"
-    )
-    print(f"\nhelm install of charts/finetune-operator against kube-apiserver {KUBE_VERSION}: {seconds:.1f}s")
-    fullname = f"{release}-finetune-operator"
-    token = ok(kubectl(admin, "create", "token", fullname, "-n", release_ns, "--duration=10m")).strip()
-    config = yaml.safe_load(Path(admin).read_text())
-    context = next(c for c in config["contexts"] if c["name"] == config["current-context"])["context"]
-    server = next(c for c in config["clusters"] if c["name"] == context["cluster"])["cluster"]
-    sa_kubeconfig = tmp_path_factory.mktemp("sa") / "kubeconfig"
-    sa_kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "c", "cluster": server}],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}],
-    }))  # fmt: skip
-    yield {"admin": admin, "sa": sa_kubeconfig, "release": release, "fullname": fullname,
-           "namespaces": {"release": release_ns, "team": team_ns}, "seconds": seconds}  # fmt: skip
-    run_helm("uninstall", release, "--namespace", release_ns, "--kubeconfig", admin)
-    kubectl(admin, "delete", "namespace", team_ns, "--wait=false")
+def install(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The chart with replicas=2, so the leader-election Role is there too."""
+    with installed_chart(cluster, tmp_path_factory.mktemp("sa"), "--set", "replicas=2") as release:
+        yield release
 
 
 def can_i(install: dict[str, Any], verb: str, resource: str, sub: str, ns: str | None) -> bool:
@@ -196,7 +149,7 @@ def test_granted_verbs_are_exactly_the_documented_ones(install):
     for name in sorted(granted):
         print(f"  {name}: {', '.join(sorted(granted[name]))}")
     assert granted == DOCUMENTED
-    docs = (CHART.parents[1] / "docs" / "install.md").read_text()
+    docs = (REPO / "docs" / "install.md").read_text()
     for name, verbs in DOCUMENTED.items():
         assert f"| `{name}` | {', '.join(sorted(verbs))} |" in docs, (
             f"docs/install.md lacks the row for {name}"
