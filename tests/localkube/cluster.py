@@ -27,10 +27,10 @@ class Cluster:
     file), kubelet (the TestKubelet of LOCAL_NODE), control_plane, kwok_nodes, timings.
     """
 
-    def __init__(self, workdir: Path, bin_dir: Path) -> None:
+    def __init__(self, workdir: Path, bin_dir: Path, **control_plane: Any) -> None:
         self.workdir = workdir
         self.bin_dir = bin_dir
-        self.control_plane = ControlPlane(workdir, bin_dir)
+        self.control_plane = ControlPlane(workdir, bin_dir, **control_plane)
         self.kubeconfig = self.control_plane.kubeconfig
         self.kwok_nodes = self.control_plane.kwok_nodes
         self.timings = self.control_plane.timings
@@ -39,9 +39,10 @@ class Cluster:
         self._namespaces: dict[str, str] = {}
 
     @classmethod
-    def start(cls, workdir: Path, bin_dir: Path) -> Cluster:
-        """Start everything and wait until it is ready; on failure stop what started, then raise."""
-        cluster = cls(workdir, bin_dir)
+    def start(cls, workdir: Path, bin_dir: Path, **control_plane: Any) -> Cluster:
+        """Start everything and wait until it is ready; on failure stop what started, then raise.
+        `control_plane`: options of ControlPlane (kwok pool, kwok stages, audit log, ...)."""
+        cluster = cls(workdir, bin_dir, **control_plane)
         try:
             cluster.control_plane.start()
             t0 = time.monotonic()

@@ -43,20 +43,57 @@ def kubeconfig_yaml(server: str, ca: Path, cert: Path, key: Path, user: str) -> 
     )
 
 
+def audit_policy_yaml(users: list[str]) -> str:
+    """An audit policy recording one line per request (verb, resource, user, status) of `users`, and
+    nothing of anyone else: cheap enough to leave on while measuring what a controller costs."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived", "ResponseStarted"],
+            "rules": [{"level": "Metadata", "users": users}, {"level": "None"}],
+        }
+    )
+
+
 class ControlPlane:
     """Call start(), then use `kubeconfig` (system:masters); stop() ends every process.
 
     `workdir` holds certificates, etcd data and one log per component under `workdir/logs`.
+
+    For benchmarks: `kwok_nodes`, `gpus_per_node` and `pods_per_node` size the fake GPU pool;
+    `kwok_stages` (YAML of kwok Stage objects) replaces kwok's built-in pod stages (node stages stay
+    the built-in ones); `audit_users` turns on the API server's audit log (`audit_log`) for those
+    users only; `unlimited_qps` lifts the client-side rate limits of the controller manager and
+    scheduler (20 and 50 requests/s by default), as kwokctl does for its benchmarks.
     """
 
-    def __init__(self, workdir: Path, bin_dir: Path, kwok_nodes: int = 3, gpus_per_node: int = 8) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        bin_dir: Path,
+        kwok_nodes: int = 3,
+        gpus_per_node: int = 8,
+        *,
+        pods_per_node: int = 110,
+        kwok_stages: str = "",
+        audit_users: list[str] | None = None,
+        unlimited_qps: bool = False,
+    ) -> None:
         self.workdir = workdir
         self.bin = bin_dir
         self.kwok_nodes = [f"kwok-gpu-{i}" for i in range(kwok_nodes)]
         self.gpus_per_node = gpus_per_node
+        self.pods_per_node = pods_per_node
+        self.kwok_stages = kwok_stages
+        self.audit_users = audit_users or []
+        self.unlimited_qps = unlimited_qps
         self.logs = workdir / "logs"
+        self.audit_log = self.logs / "audit.jsonl"
         self.procs: list[Process] = []
         self.timings: dict[str, float] = {}
+        self.etcd_url = ""
+        self.apiserver: Process | None = None
         self.pki = Pki(workdir / "pki")
         self.port = free_port()
         self.server = f"https://127.0.0.1:{self.port}"
@@ -79,8 +116,8 @@ class ControlPlane:
 
     def start(self) -> None:
         t0 = time.monotonic()
-        etcd = self._start_etcd()
-        api = self._start_apiserver(etcd)
+        self.etcd_url = self._start_etcd()
+        api = self._start_apiserver(self.etcd_url)
         self._start_controllers(api)
         self._start_kwok()
         self.timings["total"] = time.monotonic() - t0
@@ -114,6 +151,18 @@ class ControlPlane:
 
     def _start_apiserver(self, etcd: str) -> Process:
         pki = self.pki
+        audit: list[str] = []
+        if self.audit_users:
+            policy = self.workdir / "audit-policy.yaml"
+            policy.write_text(audit_policy_yaml(self.audit_users))
+            audit = [
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=batch",
+                "--audit-log-batch-max-wait=1s",
+                "--audit-log-maxsize=0",
+            ]
         api = self._spawn(
             "kube-apiserver",
             f"--etcd-servers={etcd}",
@@ -135,14 +184,31 @@ class ControlPlane:
             "--allow-privileged=true",
             "--profiling=false",
             "--endpoint-reconciler-type=none",
+            *audit,
         )
         self._timed("kube-apiserver /readyz", lambda: self._https("/readyz") == b"ok", [api], timeout=90)
+        self.apiserver = api
         return api
+
+    def restart_apiserver(self, down_seconds: float = 0.0) -> float:
+        """Stop the API server (SIGTERM, SIGKILL after 2 s), keep it down `down_seconds`, start it
+        again on the same port with the same etcd, and wait for /readyz. Every client sees its
+        connections drop and its watches end, as in a control-plane upgrade. Returns the seconds
+        from the stop until ready again."""
+        assert self.apiserver is not None, "start() first"
+        t0 = time.monotonic()
+        self.apiserver.stop()
+        self.procs.remove(self.apiserver)
+        time.sleep(down_seconds)
+        self._start_apiserver(self.etcd_url)
+        return time.monotonic() - t0
 
     def _start_controllers(self, api: Process) -> None:
         pki = self.pki
+        qps = ["--kube-api-qps=5000", "--kube-api-burst=10000"] if self.unlimited_qps else []
         kcm = self._spawn(
             "kube-controller-manager",
+            *qps,
             f"--kubeconfig={self.kubeconfig_for('system:kube-controller-manager')}",
             "--controllers=*",
             "--use-service-account-credentials=true",
@@ -157,6 +223,7 @@ class ControlPlane:
         )
         sched = self._spawn(
             "kube-scheduler",
+            *qps,
             f"--kubeconfig={self.kubeconfig_for('system:kube-scheduler')}",
             "--leader-elect=false",
             "--secure-port=0",
@@ -170,8 +237,9 @@ class ControlPlane:
 
     def _start_kwok(self) -> None:
         config = self.workdir / "kwok.yaml"
-        # An empty configuration: kwok then uses its built-in stages (node heartbeat, pod ready, ...).
-        config.write_text("")
+        # Empty: kwok's built-in stages (node heartbeat; pods become Running, Job pods then Succeeded,
+        # deleted pods go). Pod stages given here replace the built-in pod stages.
+        config.write_text(self.kwok_stages)
         kwok = self._spawn(
             "kwok",
             f"--kubeconfig={self.kubeconfig_for('kwok', 'system:masters')}",
@@ -205,7 +273,14 @@ class ControlPlane:
         self._timed("kwok nodes Ready", nodes_ready, [kwok])
 
     def _write_nodes(self) -> Path:
-        capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(self.gpus_per_node)}
+        # Shaped like a GPU server (16 CPUs and 128 GiB per GPU), so that GPUs, not CPU or memory
+        # requests, limit how many training pods fit.
+        capacity = {
+            "cpu": str(16 * self.gpus_per_node),
+            "memory": f"{128 * self.gpus_per_node}Gi",
+            "pods": str(self.pods_per_node),
+            "nvidia.com/gpu": str(self.gpus_per_node),
+        }
         nodes = [
             {
                 "apiVersion": "v1",
