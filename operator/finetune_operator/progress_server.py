@@ -265,17 +265,20 @@ class ProgressService:
                 self.forget(key)
                 return
             self.book.mark_written(key, report, time.monotonic())
-            self._observe_checkpoint(report, status)
+            self.observe_checkpoint(key, status, patch)
             return
 
-    def _observe_checkpoint(self, report: dict[str, Any], old_status: dict[str, Any]) -> None:
-        ckpt = report.get("checkpoint") or {}
-        if ckpt.get("step") is not None and ckpt.get("step") != (old_status.get("checkpoint") or {}).get(
-            "step"
-        ):
-            self.metrics.checkpoints.inc()
-            if isinstance(ckpt.get("uploadSeconds"), int | float):
-                self.metrics.checkpoint_duration.observe(ckpt["uploadSeconds"])
+    def observe_checkpoint(self, key: Key, old_status: dict[str, Any], patch: dict[str, Any]) -> None:
+        """Count a checkpoint that a status write just recorded, with its upload time when the
+        trainer reported one. Called for every status write (this writer's and the reconcile's,
+        which carries the same report), so a checkpoint is counted whichever wrote it first."""
+        new = patch.get("checkpoint")
+        if not new or new.get("step") == (old_status.get("checkpoint") or {}).get("step"):
+            return
+        self.metrics.checkpoints.inc()
+        ckpt = (self.book.latest(key) or {}).get("checkpoint") or {}
+        if ckpt.get("step") == new.get("step") and isinstance(ckpt.get("uploadSeconds"), int | float):
+            self.metrics.checkpoint_duration.observe(ckpt["uploadSeconds"])
 
     def note_status(self, key: Key, obj: dict[str, Any]) -> None:
         """A newer object seen elsewhere (watch, another write): use it as the base of the next write."""

@@ -143,7 +143,7 @@ def _run(ctx: Context, device_request: str) -> int:
     model, tokenizer = engines.load(spec, device, checked.model_source)
 
     def on_complete(ref: checkpoints.CheckpointRef, seconds: float) -> None:
-        ctx.progress.update(checkpoint=_checkpoint_status(ref))
+        ctx.progress.update(checkpoint=_checkpoint_status(ref, seconds))
         ctx.metrics.checkpoint_upload.observe(seconds)
         ctx.poke()
 
@@ -229,8 +229,13 @@ def _record_checkpoint(ctx: Context, uploader: checkpoints.CheckpointUploader) -
         ctx.result["checkpointError"] = uploader.last_error
 
 
-def _checkpoint_status(ref: checkpoints.CheckpointRef) -> dict[str, Any]:
-    return {"uri": ref.uri, "step": ref.step, "time": ref.manifest.get("created_at")}
+def _checkpoint_status(ref: checkpoints.CheckpointRef, upload_seconds: float | None = None) -> dict[str, Any]:
+    """The checkpoint as progress reports carry it; uploadSeconds feeds the operator's checkpoint
+    duration histogram."""
+    status = {"uri": ref.uri, "step": ref.step, "time": ref.manifest.get("created_at")}
+    if upload_seconds is not None:
+        status["uploadSeconds"] = round(upload_seconds, 3)
+    return status
 
 
 def export_artifacts(
