@@ -60,6 +60,9 @@ def configure_logging() -> None:
     root.setLevel(os.environ.get("FINETUNE_OPERATOR_LOG_LEVEL", "INFO"))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    # kopf logs "Handler ... succeeded" at INFO for every watch event of every Job and Pod (most of
+    # the log, saying nothing); its warnings and errors still show.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
 class Health:
