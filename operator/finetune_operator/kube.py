@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kubernetes
@@ -41,17 +42,30 @@ class ApiError(Exception):
         self.status = status
 
 
+CLIENT_THREADS = 16
+"""Concurrent API calls (threads, and connections kept open to the API server)."""
+
+
 class Kube:
-    """The API calls, each run in a thread."""
+    """The API calls, each run in one of CLIENT_THREADS threads with a connection each (the
+    client's default pool keeps 5 per CPU, so a burst on a small node opened and dropped TLS
+    connections)."""
 
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
-        self.client = api_client or kubernetes.client.ApiClient()
+        if api_client is None:
+            config = kubernetes.client.Configuration.get_default_copy()
+            config.connection_pool_maxsize = CLIENT_THREADS
+            api_client = kubernetes.client.ApiClient(config)
+        self.client = api_client
+        self._threads = ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="kube")
 
     async def _raw(
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> Any:
         """A call returning plain JSON dicts (the typed client's models are not needed here)."""
-        return await asyncio.to_thread(self._request, method, path, body, content_type)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads, self._request, method, path, body, content_type
+        )
 
     def _request(self, method: str, path: str, body: Any, content_type: str) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}

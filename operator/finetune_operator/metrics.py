@@ -29,6 +29,12 @@ class OperatorMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.reconcile_queue = Histogram(
+            "finetune_operator_reconcile_queue_seconds",
+            "Time from a change to a FineTuneJob (or its Job or pods) until its reconcile starts.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
         self.reconcile_errors = Counter(
             "finetune_operator_reconcile_errors", "Reconciles that raised an error.", registry=r
         )
