@@ -7,24 +7,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.harness import CRD, OperatorProcess, operator_config
+from e2e.harness import OperatorProcess, Recorder, install_crd, operator_config
 from trainer_fixtures import alpaca_rows, write_jsonl
 
 
 @pytest.fixture(scope="session")
 def operator(cluster: Any, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """The operator (cluster-wide) for the whole session; tests may kill and restart it."""
-    cluster.kubectl("apply", "--server-side", "-f", str(CRD))
-    cluster.wait(
-        "the FineTuneJob CRD",
-        lambda: cluster.kubectl("get", "crd", "finetunejobs.finetune.dev", check=False).returncode == 0,
-    )
+    install_crd(cluster)
     proc = OperatorProcess(cluster.kubeconfig, operator_config(s3), tmp_path_factory.mktemp("operator"))
     proc.start()
     try:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def recorder(cluster: Any) -> Iterator[Recorder]:
+    """Every version of every FineTuneJob and training pod, as the watches deliver them."""
+    rec = Recorder(cluster.kubeconfig).start()
+    try:
+        yield rec
+    finally:
+        rec.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+from localkube.rest import Rest
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "finetune.dev_finetunejobs.yaml"
+FTJ_PATH = "/apis/finetune.dev/v1alpha1/finetunejobs"
+JOB_LABEL = "finetune.dev/job"
+MANAGED = "app.kubernetes.io/managed-by=finetune-operator"
 PYTHONPATH = os.pathsep.join(str(REPO / p) for p in ("operator", "trainer-image", "tests"))
 
 
@@ -137,11 +146,11 @@ def wait(what: str, ready: Callable[[], Any], timeout: float = 60, interval: flo
         time.sleep(interval)
 
 
-def tiny_job(name: str, model_dir: Path, data: Path, **spec: Any) -> dict[str, Any]:
+def tiny_job(name: str, model_dir: Path, data_path: Path, **spec: Any) -> dict[str, Any]:
     """A FineTuneJob for the tiny model on the CPU (one step takes well under a second)."""
     base: dict[str, Any] = {
         "model": {"path": str(model_dir), "maxSeqLength": 256},
-        "data": {"path": str(data)},
+        "data": {"path": str(data_path)},
         "template": {"type": "alpaca"},
         "lora": {"r": 8, "alpha": 16},
         "training": {
@@ -163,3 +172,167 @@ def tiny_job(name: str, model_dir: Path, data: Path, **spec: Any) -> dict[str, A
         "metadata": {"name": name},
         "spec": base,
     }
+
+
+def install_crd(cluster: Any) -> None:
+    """Apply the FineTuneJob CRD and wait until FineTuneJobs can be listed. Right after a CRD is
+    created the API server answers 429 "storage is (re)initializing" for a moment; an operator
+    started then spends its first ~20 s in kopf's retry backoff."""
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+    rest = Rest(cluster.kubeconfig)
+
+    def listable() -> bool:
+        try:
+            rest.request("GET", FTJ_PATH, query={"limit": 1})
+        except Exception:
+            return False
+        return True
+
+    try:
+        wait("FineTuneJobs listable", listable, timeout=60)
+    finally:
+        rest.close()
+
+
+@dataclass
+class Seen:
+    """One version of an object as a watch delivered it: monotonic and wall-clock arrival times."""
+
+    at: float
+    wall: float
+    obj: dict[str, Any]
+    deleted: bool = False
+
+
+class Recorder:
+    """Every version of every FineTuneJob and operator-managed Pod, cluster-wide, as the watches
+    deliver them (one thread per kind), so tests can ask what status showed *during* a run, not only
+    at the end, and time transitions without polling kubectl."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.rest = Rest(kubeconfig)
+        self._ftjs: dict[tuple[str, str], list[Seen]] = defaultdict(list)
+        self._pods: dict[tuple[str, str], list[Seen]] = defaultdict(list)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._watch, args=(FTJ_PATH, {}, self._ftjs), daemon=True),
+            threading.Thread(
+                target=self._watch, args=("/api/v1/pods", {"labelSelector": MANAGED}, self._pods), daemon=True
+            ),
+        ]
+
+    def start(self) -> Recorder:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.rest.close()
+
+    def _note(self, store: dict[tuple[str, str], list[Seen]], obj: dict[str, Any], deleted: bool) -> None:
+        meta = obj["metadata"]
+        key = (meta["namespace"], meta["name"])
+        with self.lock:
+            versions = store[key]
+            if (
+                versions
+                and not deleted
+                and versions[-1].obj["metadata"].get("resourceVersion") == meta.get("resourceVersion")
+            ):
+                return  # the same version again (a relist)
+            versions.append(Seen(time.monotonic(), time.time(), obj, deleted))
+
+    def _watch(self, path: str, query: dict[str, Any], store: dict[tuple[str, str], list[Seen]]) -> None:
+        while not self.stopping.is_set():
+            try:
+                listed = self.rest.request("GET", path, query=query)
+                for item in listed["items"]:
+                    self._note(store, item, False)
+                rv = listed["metadata"]["resourceVersion"]
+                for event in self.rest.watch(path, {**query, "resourceVersion": rv, "timeoutSeconds": 60}):
+                    if self.stopping.is_set():
+                        return
+                    if event["type"] == "ERROR":
+                        break
+                    self._note(store, event["object"], event["type"] == "DELETED")
+            except Exception:
+                if not self.stopping.is_set():
+                    time.sleep(0.5)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def history(self, namespace: str, name: str) -> list[Seen]:
+        """Every version of the FineTuneJob seen so far, oldest first."""
+        with self.lock:
+            return list(self._ftjs.get((namespace, name), []))
+
+    def latest(self, namespace: str, name: str) -> dict[str, Any] | None:
+        versions = self.history(namespace, name)
+        return None if not versions or versions[-1].deleted else versions[-1].obj
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return (self.latest(namespace, name) or {}).get("status") or {}
+
+    def pod_history(self, namespace: str, job: str) -> dict[str, list[Seen]]:
+        """Versions of each pod of the FineTuneJob `job`, by pod name (pods in creation order)."""
+        with self.lock:
+            found = {
+                name: list(versions)
+                for (ns, name), versions in self._pods.items()
+                if ns == namespace and versions[0].obj["metadata"].get("labels", {}).get(JOB_LABEL) == job
+            }
+        return dict(
+            sorted(found.items(), key=lambda kv: kv[1][0].obj["metadata"].get("creationTimestamp", ""))
+        )
+
+    def pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        """The pods of `job` that exist now (latest versions, creation order)."""
+        return [v[-1].obj for v in self.pod_history(namespace, job).values() if not v[-1].deleted]
+
+
+def first_seen(versions: list[Seen], pred: Callable[[dict[str, Any]], Any]) -> Seen | None:
+    """The first version for which `pred` holds."""
+    return next((v for v in versions if not v.deleted and pred(v.obj)), None)
+
+
+def pod_running(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") == "Running"
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a container log (the trainer logs one object a line; other output skipped)."""
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def log_time(line: dict[str, Any]) -> float:
+    """A log line's time as a Unix timestamp."""
+    return datetime.fromisoformat(line["time"]).timestamp()
+
+
+def steps(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trainer's per-step progress events."""
+    return [line for line in lines if line.get("event") == "progress"]
+
+
+def last_step(lines: list[dict[str, Any]]) -> int:
+    return max((line["step"] for line in steps(lines)), default=0)
+
+
+CHECKPOINT_DONE = re.compile(r"checkpoint \S+/step-0*(\d+)/ complete")
+
+
+def checkpoints_done(lines: list[dict[str, Any]]) -> list[int]:
+    """Steps of the checkpoints the trainer finished uploading (manifest written), in order."""
+    return [int(m.group(1)) for line in lines if (m := CHECKPOINT_DONE.search(str(line.get("msg", ""))))]
