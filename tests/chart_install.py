@@ -41,12 +41,17 @@ def token_kubeconfig(admin: str | Path, token: str, dest: Path) -> Path:
 
 
 @contextmanager
-def installed_chart(cluster: Any, workdir: Path, *helm_args: str) -> Iterator[dict[str, Any]]:
-    """`helm install` of charts/finetune-operator into the cluster's namespace, which enforces the
-    restricted Pod Security Standard, plus a second namespace for jobs; yields the admin and
-    ServiceAccount kubeconfigs, names and the install time, and uninstalls afterwards."""
+def installed_chart(
+    cluster: Any, workdir: Path, *helm_args: str, namespace: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """`helm install` of charts/finetune-operator into `namespace` (default: the test's), which
+    enforces the restricted Pod Security Standard, plus a second namespace for jobs; yields the admin
+    and ServiceAccount kubeconfigs, names and the install time, and uninstalls afterwards.
+
+    The chart's own Deployment stays Pending (every local node is tainted for GPU pods); tests run
+    the operator as a process with the ServiceAccount's kubeconfig instead."""
     admin = str(cluster.kubeconfig)
-    release_ns = cluster.namespace
+    release_ns = namespace or cluster.namespace
     team_ns = f"{release_ns}-team"
     ok(kubectl(admin, "create", "namespace", team_ns))
     ok(kubectl(admin, "label", "namespace", release_ns, "pod-security.kubernetes.io/enforce=restricted",

@@ -7,20 +7,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chart_install import installed_chart
 from e2e.harness import OperatorProcess, Recorder, install_crd, operator_config
 from trainer_fixtures import alpaca_rows, write_jsonl
 
 
 @pytest.fixture(scope="session")
 def operator(cluster: Any, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """The operator (cluster-wide) for the whole session; tests may kill and restart it."""
+    """The operator (cluster-wide) for the whole session; tests may kill and restart it.
+
+    It runs with the Helm chart's ServiceAccount token and nothing else: the chart is installed with
+    `helm install` (replicas=2, so its Lease Role exists) and the operator takes that Lease, so every
+    e2e test also proves the chart's RBAC is enough for the whole lifecycle, leader election included.
+    """
     install_crd(cluster)
-    proc = OperatorProcess(cluster.kubeconfig, operator_config(s3), tmp_path_factory.mktemp("operator"))
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+    release_ns = cluster.new_namespace("finetune-system")
+    workdir = tmp_path_factory.mktemp("operator")
+    with installed_chart(cluster, workdir, "--set", "replicas=2", namespace=release_ns) as chart:
+        election = {"enabled": True, "namespace": release_ns, "leaseName": chart["fullname"],
+                    "leaseDurationSeconds": 6, "renewSeconds": 2}  # fmt: skip
+        proc = OperatorProcess(chart["sa"], operator_config(s3, leaderElection=election), workdir)
+        proc.start()
+        try:
+            yield proc
+        finally:
+            proc.stop()
 
 
 @pytest.fixture(scope="session")
