@@ -158,6 +158,14 @@ def test_progress_reporting_env() -> None:
     assert env["FINETUNE_REPORT_TOKEN_FILE"].startswith("/etc/finetune/")
 
 
+def test_cpu_threads_follow_the_cpu_request() -> None:
+    container = trainer(build_job(ftj(resources={"gpus": 1, "cpu": "1500m"}), CFG))
+    [omp] = [e for e in container["env"] if e["name"] == "OMP_NUM_THREADS"]
+    ref = omp["valueFrom"]["resourceFieldRef"]
+    assert ref == {"containerName": "trainer", "resource": "requests.cpu", "divisor": "1"}  # 2 threads
+    assert container["resources"]["requests"]["cpu"] == "1500m"
+
+
 def test_owner_reference_and_labels() -> None:
     job = build_job(ftj(), CFG)
     (ref,) = job["metadata"]["ownerReferences"]
