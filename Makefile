@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/tests
 
-.PHONY: demo test lint crds venv llama-tools
+.PHONY: demo demo-trainer test lint crds venv llama-tools
 
 venv: $(VENV)/.synced
 
@@ -38,8 +38,15 @@ llama-tools:
 test: venv lint cluster-bins llama-tools
 	FINETUNE_CACHE=$(CACHE) $(PY) -m pytest
 
-# The main job end to end on embedded defaults: a tiny model trained on the CPU from examples/tiny.
-demo: venv llama-tools
+# The main job end to end on embedded defaults (hack/demo.py, a few minutes): the local control
+# plane and S3, the CRD, the operator, the FineTuneJob of examples/tiny (a tiny model trained on the
+# CPU), its pod evicted once and resumed from the checkpoint, `kubectl get ftj` along the way, the
+# adapter and checkpoints listed from S3; then everything is stopped (logs stay in out/demo/).
+demo: venv cluster-bins
+	FINETUNE_CACHE=$(CACHE) $(PY) hack/demo.py
+
+# The trainer alone, without Kubernetes: the same tiny job run directly on this machine.
+demo-trainer: venv llama-tools
 	FINETUNE_CACHE=$(CACHE) hack/demo-trainer.sh $(PY)
 
 # A real control plane (kube-apiserver, etcd, ...; hack/cluster-bins.sh builds them once into
