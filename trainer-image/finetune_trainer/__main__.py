@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.job)
     except ConfigError as e:
         log.error("config error: %s", e, extra={"fields": {"field": e.field}})
+        if args.command == "run":  # the pod's termination message: status names the field
+            from finetune_trainer import summary
+
+            summary.write({"exitReason": "config-error", "message": str(e)})
         return EXIT_CONFIG_ERROR
     if args.command == "preflight":
         return _preflight(job)

@@ -103,14 +103,15 @@ def load_rows(source: DataSource, storage: StorageSpec, workdir: Path) -> datase
 
 def _local_copy(source: DataSource, storage: StorageSpec, workdir: Path) -> Path:
     """Download an `s3://bucket/key` data object with the job's S3 endpoint and credentials."""
-    from finetune_trainer.storage import ObjectNotFound, S3Store
+    from finetune_trainer.storage import ObjectNotFound, S3Store, config_errors
 
     assert source.s3 is not None
     parent, _, name = source.s3.rpartition("/")
     store = S3Store(parent, endpoint=storage.endpoint, region=storage.region)
     target = workdir / "data" / name
     try:
-        store.get_file(name, target)
+        with config_errors("spec.data.s3"):
+            store.get_file(name, target)
     except ObjectNotFound:
         raise ConfigError("spec.data.s3", f"no such object: {source.s3}") from None
     return target

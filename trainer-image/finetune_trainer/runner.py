@@ -25,7 +25,7 @@ from finetune_trainer.jobfile import Job
 from finetune_trainer.progress import Metrics, ProgressState, port_from_env, start_server
 from finetune_trainer.report import reporter_from_env
 from finetune_trainer.signals import StopRequest, grace_margin
-from finetune_trainer.storage import ObjectStore, open_store
+from finetune_trainer.storage import ObjectStore, config_errors, open_store
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ def _run(ctx: Context, device_request: str) -> int:
         else None
     )
     fingerprint = checkpoints.config_fingerprint(spec, extra)
-    resumed = checkpoints.resolve_resume(store, fingerprint, ctx.workdir / "resume")
+    with config_errors("spec.storage.uri"):
+        resumed = checkpoints.resolve_resume(store, fingerprint, ctx.workdir / "resume")
     resume_dir, resume_ref = resumed if resumed else (None, None)
     if resume_ref is not None:
         log.info(

@@ -11,6 +11,7 @@ endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -118,6 +119,18 @@ def check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"object key {key!r}: expected a relative path of non-empty parts without . or ..")
     return key
+
+
+@contextlib.contextmanager
+def config_errors(field: str) -> Iterator[None]:
+    """Storage errors that no retry can fix (no such bucket, access denied, bad credentials) as a
+    ConfigError naming `field`: the job fails at once (exit 78) instead of being retried."""
+    try:
+        yield
+    except StorageError as e:
+        if e.retryable or isinstance(e, ObjectNotFound):
+            raise
+        raise ConfigError(field, str(e)) from None
 
 
 def backoff_delays(attempts: int, base: float, cap: float = 30.0) -> list[float]:

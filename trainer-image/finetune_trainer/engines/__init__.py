@@ -52,10 +52,11 @@ def resolve_model_source(
 
 
 def _download_model(uri: str, storage: StorageSpec, target: Path, tokenizer_only: bool) -> Path:
-    from finetune_trainer.storage import S3Store
+    from finetune_trainer.storage import S3Store, config_errors
 
     store = S3Store(uri.rstrip("/"), endpoint=storage.endpoint, region=storage.region)
-    objects = store.list("")
+    with config_errors("spec.model.s3"):
+        objects = store.list("")
     if not any(o.key == "config.json" for o in objects):
         raise ConfigError("spec.model.s3", f"{uri} holds no saved model (no config.json)")
     for obj in objects:
