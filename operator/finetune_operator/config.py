@@ -106,6 +106,9 @@ class OperatorConfig(_Model):
     """Non-root UID of the trainer container."""
     resync_seconds: float = Field(default=60.0, gt=0)
     """Periodic re-reconcile of every job: repairs status after lost watch events."""
+    secret_missing_grace_seconds: float = Field(default=60.0, ge=0)
+    """A training pod that cannot start this long because a Secret (or a key in it) is missing fails
+    its job (reason SecretMissing) and the Job is deleted; until then the Secret may still appear."""
     max_concurrent_reconciles: int = Field(default=8, ge=1, le=256)
     """Reconciles running at once (each makes a few API calls); further jobs wait their turn in order
     (`finetune_operator_reconcile_queue_seconds`)."""

@@ -14,6 +14,7 @@ resync re-reconciles every job, repairing status after lost watch events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -24,7 +25,13 @@ import kopf
 from finetune_operator import events
 from finetune_operator.api import API_GROUP, API_VERSION, PLURAL
 from finetune_operator.config import OperatorConfig
-from finetune_operator.jobbuilder import InvalidJobError, build_job, is_owned_by, job_spec_patch
+from finetune_operator.jobbuilder import (
+    InvalidJobError,
+    build_job,
+    is_owned_by,
+    job_spec_patch,
+    secret_fields,
+)
 from finetune_operator.kube import ConflictError, Kube, NotFoundError
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.naming import LABEL_MANAGED_BY, MANAGED_BY, job_name
@@ -197,7 +204,9 @@ class Controller:
             await self._write_status(key, ftj, lambda obj: invalid_status(obj, field, message, _now()))
             return
         job = self._job(key)
-        if job is None and phase not in ("Succeeded", "Failed"):
+        if job is None and phase in ("Succeeded", "Failed"):
+            return  # nothing left to observe (the Job was deleted): the final status stands
+        if job is None:
             job = await self._create_or_adopt(key, ftj, desired)
             if job is None:
                 return
@@ -217,9 +226,22 @@ class Controller:
         if job is not None:
             self.metrics.add_gpu_seconds(*key, gpu_seconds(pods, _now()))
         report = self.progress.book.latest(key)
-        await self._write_status(
-            key, ftj, lambda obj: derive_status(obj, job, pods, report, _now()), job=job, pods=pods
-        )
+        secrets = secret_fields(ftj, self.cfg)
+        grace = self.cfg.secret_missing_grace_seconds
+
+        def compute(obj: dict[str, Any]) -> dict[str, Any]:
+            return derive_status(obj, job, pods, report, _now(), secret_grace=grace, secret_fields=secrets)
+
+        status = await self._write_status(key, ftj, compute, job=job, pods=pods)
+        if job is not None and status.get("phase") == "Failed" and _reason(status) == "SecretMissing":
+            # Its pod can never start: stop holding the GPU (the final status stands, see above).
+            with contextlib.suppress(NotFoundError, ConflictError):
+                await self.kube.delete_job(key[0], job["metadata"]["name"], job["metadata"]["uid"])
+                log.info(
+                    "deleted Job %s: a Secret is missing",
+                    job["metadata"]["name"],
+                    extra={"fields": _fields(key)},
+                )
 
     async def _create_or_adopt(
         self, key: Key, ftj: dict[str, Any], desired: dict[str, Any]
@@ -248,27 +270,29 @@ class Controller:
         *,
         job: dict[str, Any] | None = None,
         pods: list[dict[str, Any]] | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Compute and write a status patch conditional on the object's resourceVersion; on conflict
-        read the object again and recompute (so e.g. a preemption is never counted twice)."""
+        read the object again and recompute (so e.g. a preemption is never counted twice).
+        Returns the status as written (or as it stood, when nothing needed writing)."""
         obj = ftj
         for _ in range(STATUS_WRITE_ATTEMPTS):
             patch = compute(obj)
             if not patch:
-                return
+                return obj.get("status") or {}
             try:
                 new = await self.kube.patch_ftj_status(*key, patch, obj["metadata"]["resourceVersion"])
             except ConflictError:
                 try:
                     obj = await self.kube.get_ftj(*key)
                 except NotFoundError:
-                    return
+                    return {}
                 continue
             except NotFoundError:
-                return
+                return {}
             self._after_write(key, obj, new, patch, job=job, pods=pods or [])
-            return
+            return new.get("status") or {}
         log.warning("status write kept conflicting; the next event retries", extra={"fields": _fields(key)})
+        return {}
 
     def _after_write(
         self,
@@ -307,6 +331,11 @@ class Controller:
             task = asyncio.get_running_loop().create_task(events.post(self.kube, event))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+def _reason(status: dict[str, Any]) -> str | None:
+    """The reason of the status's Failed condition."""
+    return next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == "Failed"), None)
 
 
 def _now() -> datetime:

@@ -162,6 +162,23 @@ def _env(ftj: dict[str, Any], spec: FineTuneJobSpec, cfg: OperatorConfig) -> lis
     return env
 
 
+def secret_fields(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, str]:
+    """Secret name -> the spec field naming it (for messages when a Secret is missing)."""
+    spec = parse_spec(ftj)
+    refs = [
+        ("spec.tracking.apiKeySecretRef", spec.tracking.api_key_secret_ref),
+        ("spec.export.push.tokenSecretRef", spec.export.push.token_secret_ref if spec.export.push else None),
+        ("spec.data.tokenSecretRef", spec.data.token_secret_ref),
+        ("spec.model.tokenSecretRef", spec.model.token_secret_ref),
+    ]
+    out = {ref.name: field for field, ref in refs if ref is not None}
+    storage = resolved_storage(ftj, cfg).get("credentialsSecret")
+    if storage:
+        own = ((ftj.get("spec") or {}).get("storage") or {}).get("credentialsSecret")
+        out[storage] = "spec.storage.credentialsSecret" if own else "the operator's storage.credentialsSecret"
+    return out
+
+
 def _resources(spec: FineTuneJobSpec, cfg: OperatorConfig) -> dict[str, Any]:
     memory = spec.resources.memory or cfg.default_memory
     requests = {"cpu": spec.resources.cpu or cfg.default_cpu, "memory": memory}

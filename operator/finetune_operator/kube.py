@@ -113,6 +113,11 @@ class Kube:
             "application/merge-patch+json",
         )
 
+    async def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the Job (only that very Job: uid precondition) and, in the background, its pods."""
+        body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
+        await self._raw("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", body)
+
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
         return await self._raw("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
 

@@ -9,6 +9,7 @@ newer write (and, in particular, a preemption is never counted twice).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -408,18 +409,68 @@ def progress_patch(status: dict[str, Any], report: dict[str, Any] | None) -> dic
     return patch
 
 
+_SECRET_NAME = re.compile(r"""[Ss]ecret (?:[a-z0-9-]+/)?["']?([a-z0-9][a-z0-9.-]*)""")
+
+
+def cannot_start(pods: list[dict[str, Any]]) -> tuple[str, datetime | None] | None:
+    """(the kubelet's message, since when) while a pending pod cannot start its trainer because a
+    Secret or a key it names is missing (CreateContainerConfigError; the kubelet keeps retrying)."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") != "Pending" or pod["metadata"].get("deletionTimestamp"):
+            continue
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") == "CreateContainerConfigError":
+                since = parse_time(status.get("startTime") or pod["metadata"].get("creationTimestamp"))
+                return str(waiting.get("message") or waiting["reason"])[:MESSAGE_LIMIT], since
+    return None
+
+
+def secret_missing(
+    ftj: dict[str, Any],
+    pods: list[dict[str, Any]],
+    now: datetime,
+    grace: float,
+    secret_fields: dict[str, str],
+) -> Observed | None:
+    """Failed (SecretMissing) once a pod has been unable to start for `grace` seconds for want of a
+    Secret or key; the message names the Secret and the spec field that refers to it (only names:
+    a Secret's values never reach status)."""
+    stuck = cannot_start(pods)
+    if stuck is None or stuck[1] is None or (now - stuck[1]).total_seconds() < grace:
+        return None
+    message, _ = stuck
+    match = _SECRET_NAME.search(message)
+    field = secret_fields.get(match.group(1)) if match else None
+    where = f" (named by {field})" if field else ""
+    return Observed(
+        "Failed",
+        "SecretMissing",
+        f"the training pod cannot start: {message}{where}; create the Secret in namespace "
+        f"{ftj['metadata'].get('namespace')}, then create the job again",
+    )
+
+
 def derive_status(
     ftj: dict[str, Any],
     job: dict[str, Any] | None,
     pods: list[dict[str, Any]],
     progress_report: dict[str, Any] | None,
     now: datetime,
+    *,
+    secret_grace: float | None = None,
+    secret_fields: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A merge patch for `.status` (empty when nothing changed). `pods` are the Job's pods;
-    `progress_report` the newest report from the trainer (ignored when not newer than status)."""
+    `progress_report` the newest report from the trainer (ignored when not newer than status).
+    With `secret_grace`, a pod unable to start for want of a Secret that long fails the job
+    (`secret_fields`: Secret name -> the spec field naming it, for the message)."""
     status = dict(ftj.get("status") or {})
     generation = ftj["metadata"].get("generation")
     observed = observe(ftj, job, pods)
+    if observed.phase == "Pending" and secret_grace is not None:
+        observed = secret_missing(ftj, pods, now, secret_grace, secret_fields or {}) or observed
     new: dict[str, Any] = {**progress_patch(status, progress_report)}
     progress = new.get("progress", status.get("progress"))
     new["phase"] = observed.phase

@@ -12,6 +12,7 @@ from finetune_operator.jobbuilder import (
     build_job,
     is_owned_by,
     job_spec_patch,
+    secret_fields,
 )
 from finetune_operator.naming import job_name
 from finetune_trainer.errors import EXIT_CONFIG_ERROR
@@ -235,3 +236,17 @@ def test_storage_required_somewhere() -> None:
     job = build_job(ftj(storage={"uri": "s3://own-bucket/x"}), cfg)
     manifest = json.loads(job["spec"]["template"]["metadata"]["annotations"][ANNOTATION_JOB_MANIFEST])
     assert manifest["spec"]["storage"]["uri"] == "s3://own-bucket/x/team-a/qwen-medical"
+
+
+def test_secret_fields_name_the_spec_field_of_each_secret() -> None:
+    job = {
+        "metadata": {"name": "j", "namespace": "ns", "uid": "u"},
+        "spec": {
+            "model": {"hub": "unsloth/x", "tokenSecretRef": {"name": "hub", "key": "token"}},
+            "data": {"hub": "o/d"},
+        },
+    }
+    assert secret_fields(job, OperatorConfig()) == {
+        "hub": "spec.model.tokenSecretRef",
+        "finetune-s3": "the operator's storage.credentialsSecret",
+    }

@@ -267,3 +267,38 @@ def test_no_phase_flap_between_pod_end_and_job_verdict() -> None:
     waiting = pod("p2", phase="Pending", running=False, created="2025-03-01T11:05:00Z")
     p = derive_status(f, job(), [evicted, waiting], None, NOW)
     assert by_type(p)["Running"]["reason"] == "PodPending"
+
+
+def waiting_pod(message: str, created: str = T0) -> dict:
+    p = pod(phase="Pending", running=False, created=created)
+    p["status"]["containerStatuses"][0]["state"] = {
+        "waiting": {"reason": "CreateContainerConfigError", "message": message}
+    }
+    return p
+
+
+def test_a_missing_secret_fails_the_job_after_the_grace_period_naming_secret_and_field() -> None:
+    stuck = waiting_pod('secret "hub-token" not found')  # the kubelet's words
+    fields = {"hub-token": "spec.model.tokenSecretRef"}
+    early = derive_status(ftj(), job(), [stuck], None, NOW, secret_grace=7200, secret_fields=fields)
+    assert early["phase"] == "Pending"
+    assert "CreateContainerConfigError" in early["message"]
+
+    p = derive_status(ftj(), job(), [stuck], None, NOW, secret_grace=60, secret_fields=fields)
+    assert p["phase"] == "Failed"
+    assert by_type(p)["Failed"]["reason"] == "SecretMissing"
+    assert 'secret "hub-token" not found (named by spec.model.tokenSecretRef)' in p["message"]
+    assert "completionTime" in p
+
+
+def test_a_missing_key_names_the_secret_too() -> None:
+    stuck = waiting_pod("couldn't find key AWS_SECRET_ACCESS_KEY in Secret ns/finetune-s3")
+    fields = {"finetune-s3": "spec.storage.credentialsSecret"}
+    p = derive_status(ftj(), job(), [stuck], None, NOW, secret_grace=0, secret_fields=fields)
+    assert p["phase"] == "Failed"
+    assert "AWS_SECRET_ACCESS_KEY" in p["message"] and "spec.storage.credentialsSecret" in p["message"]
+
+
+def test_without_a_grace_period_a_missing_secret_only_waits() -> None:
+    p = derive_status(ftj(), job(), [waiting_pod('secret "s" not found')], None, NOW)
+    assert p["phase"] == "Pending"
