@@ -181,6 +181,8 @@ def start(workdir: Path, bin_dir: Path, s3: Any) -> FaultEnv:
             defaultTolerations=[kwokpods.KWOK_TOLERATION, GPU_TOLERATION],
             resyncSeconds=RESYNC_SECONDS,
             statusWriteIntervalSeconds=1,
+            secretMissingGraceSeconds=2,
+            allowedModelSources=["unsloth/", "/", "s3://"],
         )
         kubeconfig = cluster.control_plane.kubeconfig_for(OPERATOR_USER, "system:masters")
         operator = OperatorProcess(kubeconfig, config, workdir / "operator").start()
