@@ -364,18 +364,19 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         uploader.submit(10, local_checkpoint(tmp_path, 10))
         assert uploader.wait(60)
         assert uploader.failures == 1
+        assert uploader.failed_attempts == 3  # every retry counts: what status shows while failing
         assert uploader.last_error is not None and uploader.last_error.startswith("step 10: StorageError")
         assert uploader.last_complete is None and completed == []
 
         uploader.submit(20, local_checkpoint(tmp_path, 20))
         assert uploader.wait(60)
-        assert uploader.failures == 2  # consecutive
+        assert (uploader.failures, uploader.failed_attempts) == (2, 6)  # consecutive
 
         endpoint_again, stop = start_moto_server(port)
         assert endpoint_again == endpoint
         uploader.submit(30, local_checkpoint(tmp_path, 30))
         assert uploader.wait(60)
-        assert (uploader.failures, uploader.last_error) == (0, None)
+        assert (uploader.failures, uploader.failed_attempts, uploader.last_error) == (0, 0, None)
         assert [r.step for r in completed] == [30]
         assert resolve_resume(store, "fp", tmp_path / "resume")[1].step == 30
     finally:

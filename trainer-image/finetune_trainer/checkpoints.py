@@ -475,6 +475,7 @@ class CheckpointUploader:
         self._closed = False
         self._last_complete = last_complete
         self._failures = 0
+        self._failed_attempts = 0
         self._last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
         self._thread.start()
@@ -492,6 +493,13 @@ class CheckpointUploader:
         """Checkpoints given up on since the last one that completed."""
         with self._lock:
             return self._failures
+
+    @property
+    def failed_attempts(self) -> int:
+        """Upload attempts that failed since the last checkpoint that completed, retries included:
+        above 0 from the first failure on, while `failures` waits for a checkpoint to be given up."""
+        with self._lock:
+            return self._failed_attempts
 
     @property
     def last_error(self) -> str | None:
@@ -591,6 +599,7 @@ class CheckpointUploader:
                 log.exception("checkpoint step %d: uploader error", job.step)
                 with self._lock:
                     self._failures += 1
+                    self._failed_attempts += 1
                     self._last_error = f"step {job.step}: {type(e).__name__}: {e}"
             finally:
                 self._finish(job)
@@ -627,6 +636,8 @@ class CheckpointUploader:
             except Exception as e:
                 error = f"step {job.step}: {type(e).__name__}: {e}"
                 permanent = isinstance(e, StorageError) and not e.retryable
+                with self._lock:
+                    self._failed_attempts += 1
                 if permanent or n == self.max_attempts - 1:
                     log.error("checkpoint %s: giving up after %d attempt(s): %s", prefix, n + 1, error)
                     with self._lock:
@@ -648,6 +659,7 @@ class CheckpointUploader:
         with self._lock:
             self._last_complete = ref
             self._failures = 0
+            self._failed_attempts = 0
             self._last_error = None
         log.info("checkpoint %s complete (%d bytes, %.2fs)", ref.uri, ref.size, seconds)
         if self.on_complete is not None:

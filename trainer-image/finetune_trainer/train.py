@@ -184,8 +184,11 @@ class CheckpointCallback(_Callback):
         self.failures_seen = 0
 
     def _count_failures(self) -> None:
-        """Mirror the uploader's failures (reset to 0 by a success) into a monotonic counter."""
-        failures = self.uploader.failures
+        """Mirror the uploader's failed attempts (retries included; reset to 0 by a complete
+        checkpoint) into progress, so status shows CheckpointsFailing from the first failure on,
+        not only once a checkpoint is given up (minutes later with S3's retries), and into a
+        monotonic counter."""
+        failures = self.uploader.failed_attempts
         if failures > self.failures_seen:
             self.metrics.checkpoint_failures.inc(failures - self.failures_seen)
         self.failures_seen = failures
