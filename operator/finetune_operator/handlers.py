@@ -23,20 +23,29 @@ from typing import Any
 import kopf
 
 from finetune_operator import events
-from finetune_operator.api import API_GROUP, API_VERSION, PLURAL
+from finetune_operator.api import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
 from finetune_operator.config import OperatorConfig
 from finetune_operator.jobbuilder import (
     InvalidJobError,
     build_job,
     is_owned_by,
     job_spec_patch,
+    parse_spec,
     secret_fields,
+    validate_limits,
 )
 from finetune_operator.kube import ConflictError, Kube, NotFoundError
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.naming import LABEL_MANAGED_BY, MANAGED_BY, job_name
 from finetune_operator.progress_server import ProgressService
-from finetune_operator.status import derive_status, invalid_status, observe, parse_time, transition
+from finetune_operator.status import (
+    cannot_start,
+    derive_status,
+    invalid_status,
+    observe,
+    parse_time,
+    transition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +98,7 @@ class Controller:
         self._dirty: set[Key] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(cfg.max_concurrent_reconciles)
+        self._specs: dict[Key, tuple[tuple[str, int], FineTuneJobSpec | InvalidJobError]] = {}
 
     def bind(self, kwargs: dict[str, Any]) -> None:
         """Keep kopf's index objects (they are the same objects on every call)."""
@@ -131,12 +141,20 @@ class Controller:
         key = (meta["namespace"], meta["name"])
         if event_type == "DELETED":
             self.ftjs.pop(key, None)
+            self._specs.pop(key, None)
             self.metrics.forget(*key)
             self.progress.forget(key)
             return
+        known = self.ftjs.get(key)
         self.ftjs[key] = body
         self.progress.note_status(key, body)
         self.metrics.observe_job(*key, body.get("status") or {})
+        version = meta.get("resourceVersion")
+        if known is not None and version in (
+            known["metadata"].get("resourceVersion"),
+            self.progress.wrote(key),
+        ):
+            return  # our own status write coming back: nothing to reconcile (a third of all events)
         self.poke(key)
 
     def owned_event(self, body: dict[str, Any], kind: str) -> None:
@@ -197,17 +215,16 @@ class Controller:
         if ftj is None or ftj["metadata"].get("deletionTimestamp"):
             return
         phase = (ftj.get("status") or {}).get("phase")
-        try:
-            desired = build_job(ftj, self.cfg)
-        except InvalidJobError as e:
-            field, message = e.field, e.message
+        spec = self._spec(key, ftj)
+        if isinstance(spec, InvalidJobError):
+            field, message = spec.field, spec.message
             await self._write_status(key, ftj, lambda obj: invalid_status(obj, field, message, _now()))
             return
         job = self._job(key)
         if job is None and phase in ("Succeeded", "Failed"):
             return  # nothing left to observe (the Job was deleted): the final status stands
         if job is None:
-            job = await self._create_or_adopt(key, ftj, desired)
+            job = await self._create_or_adopt(key, ftj, build_job(ftj, self.cfg))
             if job is None:
                 return
         if job is not None and not is_owned_by(job, ftj):
@@ -219,14 +236,14 @@ class Controller:
             )
             return
         if job is not None and phase not in ("Succeeded", "Failed"):
-            patch = job_spec_patch(ftj, job)
+            patch = job_spec_patch(ftj, job, spec)
             if patch:
                 job = await self.kube.patch_job(key[0], job["metadata"]["name"], patch)
         pods = self._pods(key[0], job) if job is not None else []
         if job is not None:
             self.metrics.add_gpu_seconds(*key, gpu_seconds(pods, _now()))
         report = self.progress.book.latest(key)
-        secrets = secret_fields(ftj, self.cfg)
+        secrets = secret_fields(ftj, self.cfg) if cannot_start(pods) else {}
         grace = self.cfg.secret_missing_grace_seconds
 
         def compute(obj: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +259,22 @@ class Controller:
                     job["metadata"]["name"],
                     extra={"fields": _fields(key)},
                 )
+
+    def _spec(self, key: Key, ftj: dict[str, Any]) -> FineTuneJobSpec | InvalidJobError:
+        """The parsed spec, or why it cannot run here; computed once per uid and generation (a
+        reconcile runs on every event of the job, its Job and its pods)."""
+        meta = ftj["metadata"]
+        version = (meta.get("uid", ""), int(meta.get("generation") or 0))
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            spec: FineTuneJobSpec | InvalidJobError = parse_spec(ftj)
+            validate_limits(spec, self.cfg)
+        except InvalidJobError as e:
+            spec = e
+        self._specs[key] = (version, spec)
+        return spec
 
     async def _create_or_adopt(
         self, key: Key, ftj: dict[str, Any], desired: dict[str, Any]

@@ -362,11 +362,14 @@ def is_owned_by(job: dict[str, Any], ftj: dict[str, Any]) -> bool:
     )
 
 
-def job_spec_patch(ftj: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
+def job_spec_patch(
+    ftj: dict[str, Any], job: dict[str, Any], spec: FineTuneJobSpec | None = None
+) -> dict[str, Any] | None:
     """A merge patch bringing an existing Job's mutable fields (suspend, activeDeadlineSeconds) in line
     with the FineTuneJob, or None. With a Kueue queue, Kueue owns `suspend` (it unsuspends on
-    admission), so the operator only ever sets it to true on the user's request."""
-    spec = parse_spec(ftj)
+    admission), so the operator only ever sets it to true on the user's request. `spec`: the
+    FineTuneJob's spec already parsed."""
+    spec = spec or parse_spec(ftj)
     current = job.get("spec") or {}
     patch: dict[str, Any] = {}
     if spec.queue_name is None:

@@ -186,6 +186,7 @@ class ProgressService:
         self.pod_lookup = pod_lookup
         self.book = ProgressBook()
         self._objects: dict[Key, dict[str, Any]] = {}
+        self._written: dict[Key, dict[str, Any]] = {}
         self._wake = asyncio.Event()
 
     def app(self) -> web.Application:
@@ -258,6 +259,7 @@ class ProgressService:
                 self._objects[key] = await self.kube.patch_ftj_status(
                     *key, patch, obj["metadata"]["resourceVersion"]
                 )
+                self._written[key] = self._objects[key]["metadata"]
             except ConflictError:
                 self._objects.pop(key, None)
                 continue
@@ -280,6 +282,10 @@ class ProgressService:
         if ckpt.get("step") == new.get("step") and isinstance(ckpt.get("uploadSeconds"), int | float):
             self.metrics.checkpoint_duration.observe(ckpt["uploadSeconds"])
 
+    def wrote(self, key: Key) -> str | None:
+        """resourceVersion of the object as this service's last status write left it."""
+        return (self._written.get(key) or {}).get("resourceVersion")
+
     def note_status(self, key: Key, obj: dict[str, Any]) -> None:
         """A newer object seen elsewhere (watch, another write): use it as the base of the next write."""
         self._objects[key] = obj
@@ -290,3 +296,4 @@ class ProgressService:
     def forget(self, key: Key) -> None:
         self.book.forget(key)
         self._objects.pop(key, None)
+        self._written.pop(key, None)
