@@ -495,8 +495,14 @@ def derive_status(
             if artifacts:
                 new["artifacts"] = artifacts
     if observed.phase == "Succeeded" and progress and progress.get("totalSteps"):
-        # The last report may predate the final step; the Job's success is authoritative.
-        new["progress"] = {**progress, "step": progress["totalSteps"], "percent": 100.0, "etaSeconds": 0}
+        # The last report may predate the final step (or never have arrived, when the operator was
+        # down as the trainer finished); the Job's success and the trainer's summary are
+        # authoritative, so step and loss never disagree with the summary.
+        final = {"step": progress["totalSteps"], "percent": 100.0, "etaSeconds": 0}
+        loss = (new.get("summary") or status.get("summary") or {}).get("finalLoss")
+        if isinstance(loss, int | float):
+            final["loss"] = round(float(loss), LOSS_DIGITS)
+        new["progress"] = {**progress, **final}
     return {k: v for k, v in new.items() if status.get(k) != v}
 
 

@@ -220,6 +220,17 @@ def test_succeeded_shows_full_progress() -> None:
     assert p["progress"]["step"] == 60 and p["progress"]["percent"] == 100.0
 
 
+def test_succeeded_progress_loss_is_the_summary_final_loss() -> None:
+    """The trainer's last report can be lost (operator down as it finished): status must not show
+    step 60 next to the loss of step 58."""
+    f = apply(
+        ftj(), {"phase": "Running", "progress": {"step": 58, "totalSteps": 60, "loss": 1.9, "updatedAt": T0}}
+    )
+    done = pod(phase="Succeeded", running=False, exit_code=0, message=json.dumps({"finalLoss": 1.23456789}))
+    p = derive_status(f, job(conditions=[cond("Complete")]), [done], None, NOW)
+    assert p["progress"]["loss"] == 1.2346 and p["summary"]["finalLoss"] == 1.23456789
+
+
 def test_invalid_status_names_field() -> None:
     p = invalid_status(ftj(), "spec.resources.gpus", "5 GPUs requested; at most 4", NOW)
     assert p["phase"] == "Failed" and p["message"].startswith("spec.resources.gpus:")
