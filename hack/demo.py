@@ -249,7 +249,7 @@ class Demo:
         )
         print("\nevents:")
         events = json.loads(self.kubectl("get", "events", "-n", NAMESPACE, "-o", "json"))["items"]
-        for event in sorted(events, key=lambda e: e["metadata"]["creationTimestamp"]):
+        for event in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"])):  # 1 s timestamps
             if event["involvedObject"].get("kind") == "FineTuneJob":
                 print(f"  {event['type']:7} {event['reason']:13} {event['message'][:110]}")
         prefix = f"jobs/{NAMESPACE}/{self.name}/"
