@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from datetime import UTC, datetime
@@ -83,6 +85,38 @@ def gpu_seconds(pods: list[dict[str, Any]], now: datetime) -> float:
     return total
 
 
+class Slots:
+    """`size` reconcile slots handed out by priority (lower first), then in order of asking: a
+    job still waiting for its Job goes before status updates of jobs that have one, so a burst of
+    new jobs gets its Jobs (and its pods scheduled) first."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self.free > 0 and not self._waiting:
+            self.free -= 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._order), turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed over just as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            _, _, turn = heapq.heappop(self._waiting)
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.free += 1
+
+
 class Controller:
     """Caches (kopf indexes for Jobs and Pods, a dict of FineTuneJobs) and the reconcile loop."""
 
@@ -97,7 +131,7 @@ class Controller:
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(cfg.max_concurrent_reconciles)
+        self._slots = Slots(cfg.max_concurrent_reconciles)
         self._specs: dict[Key, tuple[tuple[str, int], FineTuneJobSpec | InvalidJobError]] = {}
 
     def bind(self, kwargs: dict[str, Any]) -> None:
@@ -184,7 +218,8 @@ class Controller:
         arrived during the previous reconcile."""
         try:
             while True:
-                async with self._slots:
+                await self._slots.acquire(0 if self._needs_job(key) else 1)
+                try:
                     self.metrics.reconcile_queue.observe(time.perf_counter() - poked)
                     self._dirty.discard(key)
                     started = time.perf_counter()
@@ -195,11 +230,19 @@ class Controller:
                         log.exception("reconcile failed", extra={"fields": _fields(key)})
                     finally:
                         self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+                finally:
+                    self._slots.release()
                 if key not in self._dirty:
                     return
                 poked = time.perf_counter()
         finally:
             self._running.discard(key)
+
+    def _needs_job(self, key: Key) -> bool:
+        """Whether the job is waiting for its Job to be created (reconciled first)."""
+        ftj = self.ftjs.get(key)
+        phase = ((ftj or {}).get("status") or {}).get("phase")
+        return ftj is not None and phase not in ("Succeeded", "Failed") and self._job(key) is None
 
     async def resync(self) -> None:
         """Re-reconcile every job every resyncSeconds, forever."""
