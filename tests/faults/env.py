@@ -23,7 +23,7 @@ from e2e.harness import CRD, OperatorProcess, operator_config
 from localkube import Cluster, kwokpods
 from localkube.rest import MERGE, HttpError, Rest
 
-RESYNC_SECONDS = 8.0
+RESYNC_SECONDS = 10.0
 OPERATOR_USER = "finetune-operator"
 API = "/apis/finetune.dev/v1alpha1"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
