@@ -390,6 +390,19 @@ def checkpoint_from_report(report: dict[str, Any], current: dict[str, Any] | Non
     return None if current and {k: current.get(k) for k in new} == new else new
 
 
+def checkpoint_from_summary(
+    summary: dict[str, Any] | None, current: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The final summary's last complete checkpoint when status shows an older one (the trainer's
+    last progress report, which carries it, is lost when the operator is down as the pod ends)."""
+    if not summary or not summary.get("checkpointUri") or not isinstance(summary.get("checkpointStep"), int):
+        return None
+    if current and int(current.get("step") or 0) >= summary["checkpointStep"]:
+        return None
+    when = summary.get("checkpointTime") or summary.get("finishedAt")
+    return {"uri": summary["checkpointUri"], "step": summary["checkpointStep"], "time": when}
+
+
 def progress_patch(status: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
     """status fields a report changes (progress, checkpoint); empty when the report is stale.
 
@@ -494,6 +507,11 @@ def derive_status(
                 new["summary"] = summary
             if artifacts:
                 new["artifacts"] = artifacts
+    final_checkpoint = checkpoint_from_summary(
+        new.get("summary") or status.get("summary"), status.get("checkpoint")
+    )
+    if observed.phase in ("Succeeded", "Failed") and final_checkpoint:
+        new["checkpoint"] = final_checkpoint
     if observed.phase == "Succeeded" and progress and progress.get("totalSteps"):
         # The last report may predate the final step (or never have arrived, when the operator was
         # down as the trainer finished); the Job's success and the trainer's summary are

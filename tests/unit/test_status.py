@@ -313,3 +313,24 @@ def test_a_missing_key_names_the_secret_too() -> None:
 def test_without_a_grace_period_a_missing_secret_only_waits() -> None:
     p = derive_status(ftj(), job(), [waiting_pod('secret "s" not found')], None, NOW)
     assert p["phase"] == "Pending"
+
+
+def test_final_checkpoint_from_the_summary() -> None:
+    """Status shows the last checkpoint even when the report carrying it never arrived."""
+    old = {"uri": "s3://b/ns/j/checkpoints/step-00000036/", "step": 36, "time": T0}
+    f = apply(
+        ftj(),
+        {"phase": "Running", "checkpoint": old, "progress": {"step": 38, "totalSteps": 40, "updatedAt": T0}},
+    )
+    summary = {
+        "finalLoss": 1.5,
+        "checkpointUri": "s3://b/ns/j/checkpoints/step-00000040/",
+        "checkpointStep": 40,
+        "checkpointTime": "2025-03-01T11:59:00Z",
+    }
+    done = pod(phase="Succeeded", running=False, exit_code=0, message=json.dumps(summary))
+    p = derive_status(f, job(conditions=[cond("Complete")]), [done], None, NOW)
+    assert p["checkpoint"] == {"uri": summary["checkpointUri"], "step": 40, "time": "2025-03-01T11:59:00Z"}
+    # Already shown (the report arrived): nothing to change.
+    f = apply(f, {"checkpoint": p["checkpoint"]})
+    assert "checkpoint" not in derive_status(f, job(conditions=[cond("Complete")]), [done], None, NOW)

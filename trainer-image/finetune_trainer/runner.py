@@ -225,6 +225,7 @@ def _record_checkpoint(ctx: Context, uploader: checkpoints.CheckpointUploader) -
     ref = uploader.last_complete
     ctx.result["checkpointUri"] = ref.uri if ref else None
     ctx.result["checkpointStep"] = ref.step if ref else None
+    ctx.result["checkpointTime"] = ref.manifest.get("created_at") if ref else None
     ctx.result["checkpointFailures"] = uploader.failures
     if uploader.last_error:
         ctx.result["checkpointError"] = uploader.last_error
