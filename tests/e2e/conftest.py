@@ -12,9 +12,10 @@ from e2e.harness import OperatorProcess, Recorder, install_crd, operator_config
 from trainer_fixtures import alpaca_rows, write_jsonl
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(cluster: Any, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """The operator (cluster-wide) for the whole session; tests may kill and restart it.
+    """The operator (cluster-wide) for an e2e module; tests may kill and restart it. Module scope:
+    a cluster-wide operator left running would reconcile the FineTuneJobs of later test modules.
 
     It runs with the Helm chart's ServiceAccount token and nothing else: the chart is installed with
     `helm install` (replicas=2, so its Lease Role exists) and the operator takes that Lease, so every
