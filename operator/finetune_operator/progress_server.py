@@ -256,10 +256,10 @@ class ProgressService:
                 self.book.mark_written(key, report, time.monotonic())
                 return
             try:
-                self._objects[key] = await self.kube.patch_ftj_status(
-                    *key, patch, obj["metadata"]["resourceVersion"]
-                )
-                self._written[key] = self._objects[key]["metadata"]
+                new = await self.kube.patch_ftj_status(*key, patch, obj["metadata"]["resourceVersion"])
+                new["metadata"].pop("managedFields", None)  # kept per job: only what writes need
+                self._objects[key] = new
+                self._written[key] = new["metadata"]
             except ConflictError:
                 self._objects.pop(key, None)
                 continue
