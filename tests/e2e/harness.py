@@ -179,7 +179,19 @@ def install_crd(cluster: Any) -> None:
     created the API server answers 429 "storage is (re)initializing" for a moment; an operator
     started then spends its first ~20 s in kopf's retry backoff."""
     cluster.kubectl("apply", "--server-side", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+    # Not `kubectl wait --for=condition=Established`: it fails at once, instead of waiting, while the
+    # new CRD has no status.conditions yet (seen on a loaded machine).
+    established = '{.status.conditions[?(@.type=="Established")].status}'
+    wait(
+        "the FineTuneJob CRD Established",
+        lambda: (
+            cluster.kubectl(
+                "get", "crd", "finetunejobs.finetune.dev", "-o", f"jsonpath={established}", check=False
+            ).stdout.strip()
+            == "True"
+        ),
+        timeout=60,
+    )
     rest = Rest(cluster.kubeconfig)
 
     def listable() -> bool:
