@@ -980,9 +980,20 @@ class Bench:
                 "rss_samples": sampler.samples[:: max(1, len(sampler.samples) // 400)],
                 "stage_starts_s": {name: round(w - walls[0][1], 2) for name, w in walls},
                 "platform": {"machine": platform.machine(), "python": platform.python_version()},
+                "commit": _commit(),
                 "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             }
         )
+
+
+def _commit() -> str:
+    done = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "diff", "--quiet", "--", "operator"], check=False
+    ).returncode
+    return done.stdout.strip() + ("+dirty operator" if dirty else "")
 
 
 def _r(v: float | None) -> float | None:
