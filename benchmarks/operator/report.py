@@ -189,8 +189,11 @@ def plot(runs: dict[int, dict[str, Any]], out: Path) -> None:
         label="transitions + ticks",
     )
     ax.set_xticks(list(xs), [str(n) for n in ns])
-    ax.set(xlabel="jobs", ylabel="per job", title="Operator requests per job (audit log)")
-    ax.legend(fontsize=8)
+    top = max(runs[n]["api_requests_per_job"] for n in ns)
+    ax.set(
+        xlabel="jobs", ylabel="per job", title="Operator requests per job (audit log)", ylim=(0, top * 1.4)
+    )
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
 
     fig.tight_layout()
     fig.savefig(out, dpi=110)
