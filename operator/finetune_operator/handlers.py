@@ -156,9 +156,12 @@ class Controller:
         ]
 
     async def pod_lookup(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """A pod for the progress endpoint: from the cache (leader) or the API (standby)."""
+        """A pod for the progress endpoint: from the cache (leader) or the API (standby). The Job
+        controller names a pod `<job>-<5 characters>`, so its Job's entry is looked at first: a
+        scan of every pod for every report made the reports of N jobs cost N^2."""
         if self.pod_index is not None:
-            for store in self.pod_index.values():
+            guess = self.pod_index.get((namespace, name.rsplit("-", 1)[0])) or []
+            for store in (guess, *self.pod_index.values()):
                 for pod in store:
                     meta = pod.get("metadata", {})
                     if meta.get("name") == name and meta.get("namespace") == namespace:
