@@ -351,6 +351,7 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     bucket = new_bucket(endpoint)
     store = s3_store(endpoint, bucket, max_attempts=1)
     completed: list[CheckpointRef] = []
+    failed: list[tuple[int, str, int]] = []  # (failed attempts, error, checkpoints given up so far)
     uploader = CheckpointUploader(
         store,
         "fp",
@@ -358,6 +359,7 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         max_attempts=3,
         backoff=0.01,
         on_complete=lambda ref, _: completed.append(ref),
+        on_failed_attempt=lambda n, error: failed.append((n, error, uploader.failures)),
     )
     try:
         stop()  # the port now refuses connections
@@ -365,6 +367,9 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert uploader.wait(60)
         assert uploader.failures == 1
         assert uploader.failed_attempts == 3  # every retry counts: what status shows while failing
+        # Each failed attempt is announced as it happens, before the checkpoint is given up.
+        assert [(n, given_up) for n, _, given_up in failed] == [(1, 0), (2, 0), (3, 0)]
+        assert all(error.startswith("step 10: StorageError") for _, error, _ in failed)
         assert uploader.last_error is not None and uploader.last_error.startswith("step 10: StorageError")
         assert uploader.last_complete is None and completed == []
 

@@ -447,6 +447,7 @@ class CheckpointUploader:
         max_backoff: float = 60.0,
         staging_dir: Path | None = None,
         on_complete: Callable[[CheckpointRef, float], None] | None = None,
+        on_failed_attempt: Callable[[int, str], None] | None = None,
         last_complete: CheckpointRef | None = None,
         skip_superseded: bool = True,
     ) -> None:
@@ -464,6 +465,11 @@ class CheckpointUploader:
         self.on_complete = on_complete
         """Called from the worker thread with the new checkpoint and the seconds from submit to
         complete manifest. Exceptions it raises are logged and ignored."""
+        self.on_failed_attempt = on_failed_attempt
+        """Called from the worker thread after every failed upload attempt, retries included, with
+        `failed_attempts` and the error, so the failure shows while the retries are still running
+        (a training step can take minutes; S3's own retries take about 25 s). Exceptions it raises
+        are logged and ignored."""
         if staging_dir is not None:
             staging_dir.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix="checkpoint-staging-", dir=staging_dir))
@@ -597,10 +603,11 @@ class CheckpointUploader:
                 self._process(job)
             except Exception as e:  # the worker must outlive any bug in one upload
                 log.exception("checkpoint step %d: uploader error", job.step)
+                error = f"step {job.step}: {type(e).__name__}: {e}"
                 with self._lock:
                     self._failures += 1
-                    self._failed_attempts += 1
-                    self._last_error = f"step {job.step}: {type(e).__name__}: {e}"
+                    self._last_error = error
+                self._attempt_failed(error)
             finally:
                 self._finish(job)
 
@@ -636,8 +643,7 @@ class CheckpointUploader:
             except Exception as e:
                 error = f"step {job.step}: {type(e).__name__}: {e}"
                 permanent = isinstance(e, StorageError) and not e.retryable
-                with self._lock:
-                    self._failed_attempts += 1
+                self._attempt_failed(error)
                 if permanent or n == self.max_attempts - 1:
                     log.error("checkpoint %s: giving up after %d attempt(s): %s", prefix, n + 1, error)
                     with self._lock:
@@ -668,6 +674,16 @@ class CheckpointUploader:
             except Exception:
                 log.exception("checkpoint on_complete callback failed")
         self._prune(job.step)
+
+    def _attempt_failed(self, error: str) -> None:
+        with self._lock:
+            self._failed_attempts += 1
+            count = self._failed_attempts
+        if self.on_failed_attempt is not None:
+            try:
+                self.on_failed_attempt(count, error)
+            except Exception:
+                log.exception("checkpoint on_failed_attempt callback failed")
 
     def _already_stored(self, step: int, files: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The stored manifest when this very checkpoint (same config, same bytes) is already complete under

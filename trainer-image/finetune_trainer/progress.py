@@ -101,7 +101,9 @@ class Metrics:
             registry=r,
         )
         self.checkpoint_failures = Counter(
-            "finetune_trainer_checkpoint_failures", "Checkpoint uploads that failed.", registry=r
+            "finetune_trainer_checkpoint_failures",
+            "Checkpoint upload attempts that failed, retries included.",
+            registry=r,
         )
 
     def observe(self, state: dict[str, Any]) -> None:

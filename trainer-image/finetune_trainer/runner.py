@@ -144,8 +144,15 @@ def _run(ctx: Context, device_request: str) -> int:
     model, tokenizer = engines.load(spec, device, checked.model_source)
 
     def on_complete(ref: checkpoints.CheckpointRef, seconds: float) -> None:
-        ctx.progress.update(checkpoint=_checkpoint_status(ref, seconds))
+        ctx.progress.update(checkpoint=_checkpoint_status(ref, seconds), checkpoint_failures=0)
         ctx.metrics.checkpoint_upload.observe(seconds)
+        ctx.poke()
+
+    def on_failed_attempt(failed_attempts: int, _error: str) -> None:
+        # Status shows CheckpointsFailing from the first failed attempt, not once a checkpoint is
+        # given up (minutes later with S3's retries) nor at the next step's end.
+        ctx.progress.update(checkpoint_failures=failed_attempts)
+        ctx.metrics.checkpoint_failures.inc()
         ctx.poke()
 
     uploader = checkpoints.CheckpointUploader(
@@ -154,6 +161,7 @@ def _run(ctx: Context, device_request: str) -> int:
         spec.checkpoint.keep_last,
         staging_dir=ctx.workdir / "staging",
         on_complete=on_complete,
+        on_failed_attempt=on_failed_attempt,
         last_complete=resume_ref,
     )
     from finetune_trainer.train import train

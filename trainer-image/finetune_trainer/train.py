@@ -170,35 +170,18 @@ class CheckpointCallback(_Callback):
         stop: StopRequest,
         uploader: Any,
         meter_state: dict[str, Any],
-        progress: ProgressState,
-        metrics: Metrics,
     ) -> None:
         self.policy = spec.checkpoint
         self.stop = stop
         self.uploader = uploader
         self.meter_state = meter_state
-        self.progress = progress
-        self.metrics = metrics
         self.last_save = time.monotonic()
         self.saved: list[int] = []
-        self.failures_seen = 0
-
-    def _count_failures(self) -> None:
-        """Mirror the uploader's failed attempts (retries included; reset to 0 by a complete
-        checkpoint) into progress, so status shows CheckpointsFailing from the first failure on,
-        not only once a checkpoint is given up (minutes later with S3's retries), and into a
-        monotonic counter."""
-        failures = self.uploader.failed_attempts
-        if failures > self.failures_seen:
-            self.metrics.checkpoint_failures.inc(failures - self.failures_seen)
-        self.failures_seen = failures
-        self.progress.update(checkpoint_failures=failures)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         self.last_save = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-        self._count_failures()
         save, halt = checkpoint_decision(
             state.global_step,
             state.max_steps,
@@ -391,12 +374,7 @@ def train(
 
     progress_cb = ProgressCallback(progress, meter, json_lines, device, metrics)
     checkpoint_cb = CheckpointCallback(
-        spec,
-        stop=stop,
-        uploader=uploader,
-        meter_state=progress_cb.meter_state,
-        progress=progress,
-        metrics=metrics,
+        spec, stop=stop, uploader=uploader, meter_state=progress_cb.meter_state
     )
 
     trainer = MeteredSFTTrainer(
