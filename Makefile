@@ -30,8 +30,8 @@ crds: venv
 	$(PY) -m finetune_operator crds
 
 # llama.cpp's HF -> GGUF converter, from the llama-cpp-python sdist, into $(CACHE).
-llama-tools:
-	FINETUNE_CACHE=$(CACHE) PYTHON=$(PY) hack/llama-tools.sh
+llama-tools: | $(UV)
+	FINETUNE_CACHE=$(CACHE) PYTHON=$(CACHE)/uv-$(UV_VERSION)/bin/python hack/llama-tools.sh
 
 # On a brand-new machine this builds the Kubernetes binaries (~15 min on 2 cores), the Python
 # environment (torch, ~5 min) and llama.cpp (~7 min) once; later runs reuse $(CACHE) and uv's cache.
