@@ -20,8 +20,10 @@ WORKDIR /src
 # Dependencies first: this layer is rebuilt only when the lock changes.
 COPY pyproject.toml uv.lock README.md ./
 RUN uv export --frozen --extra operator --no-dev --no-emit-project -o requirements.txt
+# --no-config: the requirements are the lock, exact and hashed; pyproject.toml's override of
+# certifi would otherwise replace the locked pin with the newest release, which has no hash here.
 RUN uv venv "$VIRTUAL_ENV" \
- && uv pip install --no-deps --require-hashes -r requirements.txt
+ && uv pip install --no-config --no-deps --require-hashes -r requirements.txt
 
 # The project itself (no dependencies: they are all above, from the lock). The operator imports
 # the trainer's spec models, so both packages are installed; nothing of the trainer imports torch
