@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -36,10 +35,9 @@ from finetune_operator.jobbuilder import build_job
 from finetune_operator.status import derive_status
 from finetune_trainer.errors import EXIT_CONFIG_ERROR
 from localkube import kwokpods
-from s3server import TEST_CREDENTIALS
 from trainer_fixtures import job_manifest, write_job, write_jsonl
+from trainer_runs import process_env, run_in_process
 
-REPO = Path(__file__).resolve().parents[2]
 CANARY = f"canary-{uuid.uuid4().hex}"
 """The value of every Secret (and secret env var) in this module: it must appear nowhere."""
 
@@ -353,32 +351,8 @@ TRAINER: dict[str, TrainerCase] = {
 }
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(
-            f"{record.levelname} {record.name}: {record.getMessage()} {getattr(record, 'fields', '')}"
-        )
-
-
-def trainer_env(tmp: Path) -> dict[str, str]:
-    return {
-        **TEST_CREDENTIALS,
-        "AWS_SECRET_ACCESS_KEY": CANARY,  # moto accepts any key: the run sees a secret, must not show it
-        "HF_TOKEN": CANARY,
-        "AWS_CONFIG_FILE": "/nonexistent",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        "FINETUNE_PROGRESS_PORT": "0",
-        "FINETUNE_WORKDIR": str(tmp / "work"),
-        "FINETUNE_SUMMARY_PATH": str(tmp / "summary.json"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+SECRETS = {"AWS_SECRET_ACCESS_KEY": CANARY, "HF_TOKEN": CANARY}
+"""Secret values every trainer run here sees (moto accepts any key); none may show anywhere."""
 
 
 def operator_status(manifest: dict[str, Any], summary: str) -> dict[str, Any]:
@@ -408,37 +382,22 @@ def operator_status(manifest: dict[str, Any], summary: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("case", TRAINER.keys())
-def test_trainer_preflight_exits_78_and_the_status_names_the_field(  # noqa: PLR0917 (fixtures)
+def test_trainer_preflight_exits_78_and_the_status_names_the_field(
     case: str,
     tmp_path: Path,
     tiny_model_dir: Path,
     alpaca_jsonl: Path,
     s3: Any,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from finetune_trainer import runner
-    from finetune_trainer.jobfile import load_job
-
     c = TRAINER[case]
     manifest = c.make(tmp_path, tiny_model_dir, alpaca_jsonl, s3)
     manifest["metadata"]["name"] = "bad"
-    for name, value in trainer_env(tmp_path).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    root, handler = logging.getLogger(), _Collect()
-    root.addHandler(handler)
-    level = root.level
-    root.setLevel(logging.DEBUG)
     started = time.monotonic()
-    try:
-        code = runner.run(load_job(write_job(tmp_path / "job.yaml", manifest)), "cpu", json_lines=True)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+    run = run_in_process(write_job(tmp_path / "job.yaml", manifest), tmp_path, logging.DEBUG, **SECRETS)
     took = time.monotonic() - started
     summary_text = (tmp_path / "summary.json").read_text()
     summary = json.loads(summary_text)
-    assert code == EXIT_CONFIG_ERROR, f"exit {code}: {summary.get('message')}"
+    assert run.code == EXIT_CONFIG_ERROR, f"exit {run.code}: {summary.get('message')}"
     assert summary["exitReason"] == "config-error"
     assert summary["message"].startswith(c.field) and c.text in summary["message"], summary["message"]
     assert took < 30, f"preflight took {took:.0f}s"
@@ -447,7 +406,8 @@ def test_trainer_preflight_exits_78_and_the_status_names_the_field(  # noqa: PLR
     assert status["phase"] == "Failed"
     assert next(x for x in status["conditions"] if x["type"] == "Failed")["reason"] == "ConfigError"
     assert c.field in status["message"] and c.text in status["message"], status["message"]
-    assert secret_values_in("\n".join([summary_text, json.dumps(status), *handler.lines]), [CANARY]) == []
+    lines = [f"{r.levelname} {r.name}: {r.getMessage()} {getattr(r, 'fields', '')}" for r in run.records]
+    assert secret_values_in("\n".join([summary_text, json.dumps(status), *lines]), [CANARY]) == []
 
 
 MANIFEST = "apiVersion: finetune.dev/v1alpha1\nkind: FineTuneJob\nmetadata: {name: bad}\n"
@@ -485,14 +445,9 @@ def test_trainer_process_exits_78_with_a_summary(
     still name the field. The hub case needs a process: the hub's offline switch is read at import."""
     job = tmp_path / "job.yaml"
     job.write_text(content.replace("DATA", str(alpaca_jsonl)))
-    env = {
-        **os.environ,
-        **trainer_env(tmp_path),
-        "PYTHONPATH": os.pathsep.join([str(REPO / "trainer-image"), os.environ.get("PYTHONPATH", "")]),
-    }
     done = subprocess.run(
         [sys.executable, "-m", "finetune_trainer", "run", str(job), "--log-format", "json"],
-        env=env,
+        env=process_env(tmp_path, **SECRETS),
         capture_output=True,
         text=True,
         timeout=120,

@@ -20,7 +20,6 @@ S3's own retries are shortened for the test (botocore 1 attempt, the store 1 att
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -31,10 +30,10 @@ from typing import Any
 import boto3
 import pytest
 from finetune_operator.status import derive_status
-from finetune_trainer import checkpoints, runner, storage
-from finetune_trainer.jobfile import load_job
-from s3server import TEST_CREDENTIALS, start_moto_server
+from finetune_trainer import checkpoints, storage
+from s3server import start_moto_server
 from trainer_fixtures import job_manifest, write_job
+from trainer_runs import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -64,45 +63,6 @@ class Reports:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.getMessage(), getattr(record, "fields", None) or {}))
-
-
-def run(job: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch, report_url: str) -> tuple[int, _Collect, dict]:
-    env = {
-        **TEST_CREDENTIALS,
-        "AWS_CONFIG_FILE": "/nonexistent",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        "FINETUNE_PROGRESS_PORT": "0",
-        "FINETUNE_WORKDIR": str(tmp / "work"),
-        "FINETUNE_SUMMARY_PATH": str(tmp / "summary.json"),
-        "FINETUNE_REPORT_URL": report_url,
-        "FINETUNE_REPORT_INTERVAL": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    with monkeypatch.context() as m:
-        for name, value in env.items():
-            m.setenv(name, value)
-        m.delenv("AWS_PROFILE", raising=False)
-        root, handler = logging.getLogger(), _Collect()
-        level = root.level
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        try:
-            code = runner.run(load_job(job), "cpu", json_lines=True)
-        finally:
-            root.removeHandler(handler)
-            root.setLevel(level)
-    return code, handler, json.loads((tmp / "summary.json").read_text())
 
 
 def objects(endpoint: str, bucket: str) -> dict[str, int]:
@@ -168,18 +128,21 @@ def test_s3_stopped_during_a_checkpoint_upload(
     monkeypatch.setattr(storage.S3Store, "put_file", put_file)
     reports = Reports()
     try:
-        code, log, summary = run(job, tmp_path / "run1", monkeypatch, reports.url)
+        first = run_in_process(
+            job, tmp_path / "run1", FINETUNE_REPORT_URL=reports.url, FINETUNE_REPORT_INTERVAL="1"
+        )
         assert stopped.is_set()
     finally:
         reports.close()
 
     # Training went on to the end; only exporting the adapter needs S3 and failed.
+    summary = first.summary
     assert summary["steps"] == 8, summary
-    assert code == 1 and "export" in summary["message"], summary  # the Job retries the pod
-    retries = [msg for msg, _ in log.records if "failed, retrying in" in msg]
+    assert first.code == 1 and "export" in summary["message"], summary  # the Job retries the pod
+    retries = [msg for msg in first.messages() if "failed, retrying in" in msg]
     assert any("attempt 1 of 4 failed, retrying in 0.25s" in m for m in retries), retries
     assert any("attempt 2 of 4 failed, retrying in 0.50s" in m for m in retries), retries
-    assert any("giving up after 4 attempt(s)" in msg for msg, _ in log.records)
+    assert any("giving up after 4 attempt(s)" in msg for msg in first.messages())
 
     # The reports said so, and the operator's status says so.
     failing = [r for r in reports.received if (r.get("checkpointFailures") or 0) > 0]
@@ -215,13 +178,15 @@ def test_s3_stopped_during_a_checkpoint_upload(
         # The next run (S3 back) resumes from step 2, never from the half-uploaded step 4.
         reports = Reports()
         try:
-            code, log, summary = run(job, tmp_path / "run2", monkeypatch, reports.url)
+            second = run_in_process(
+                job, tmp_path / "run2", FINETUNE_REPORT_URL=reports.url, FINETUNE_REPORT_INTERVAL="1"
+            )
         finally:
             reports.close()
-        resumed = [f for _, f in log.records if f.get("event") == "resume"]
+        resumed = [f for f in second.fields() if f.get("event") == "resume"]
         assert resumed and resumed[0]["step"] == 2, resumed
-        assert code == 0, summary
-        assert summary["resumedFromStep"] == 2 and summary["steps"] == 8
+        assert second.code == 0, second.summary
+        assert second.summary["resumedFromStep"] == 2 and second.summary["steps"] == 8
         assert "manifest.json" in step_files(objects(endpoint, bucket), 8)
     finally:
         stop()

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
-import os
 import signal
 import subprocess
 import sys
@@ -34,18 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_trainer import runner
+import trainer_runs
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
-from finetune_trainer.jobfile import load_job
-from s3server import TEST_CREDENTIALS
 from trainer_fixtures import alpaca_rows, job_manifest, write_job, write_jsonl
+from trainer_runs import process_env
 
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 10
 STOP_AFTER = 3
 RUN_TIMEOUT = 300
-REPO = Path(__file__).resolve().parents[2]
 SHORT_TEMPLATE = {"type": "custom", "format": "### Q: {instruction}\n### A: {output}"}
 
 
@@ -63,56 +59,14 @@ class Run:
         return next(e["step"] for e in self.events if e.get("event") == "resume")
 
 
-def trainer_env(tmp: Path) -> dict[str, str]:
-    env = {
-        **os.environ,
-        **TEST_CREDENTIALS,
-        "AWS_CONFIG_FILE": "/nonexistent",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        "FINETUNE_PROGRESS_PORT": "0",
-        "FINETUNE_WORKDIR": str(tmp / "work"),
-        "FINETUNE_SUMMARY_PATH": str(tmp / "summary.json"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "trainer-image"), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("AWS_PROFILE", None)
-    return env
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "fields", None) or {}
-        self.events.append({"level": record.levelname.lower(), "msg": record.getMessage(), **fields})
-
-
 def run_in_process(job: Path, tmp: Path) -> Run:
-    """`runner.run`, the whole trainer but argument parsing, in this process: the imports are paid
-    once per test session instead of once per run (most of a tiny run's time)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    root, handler = logging.getLogger(), _Collect()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            for name, value in trainer_env(tmp).items():
-                if name.startswith(("FINETUNE_", "AWS_", "HF_")):
-                    env.setenv(name, value)
-            env.delenv("AWS_PROFILE", raising=False)
-            code = runner.run(load_job(job), "cpu", json_lines=True)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-    summary_file = tmp / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    return Run(code, handler.events, "\n".join(e["msg"] for e in handler.events), summary)
+    """The trainer in this process (imports paid once), its log records as the JSON lines' events."""
+    done = trainer_runs.run_in_process(job, tmp)
+    events = [
+        {"level": r.levelname.lower(), "msg": r.getMessage(), **f}
+        for r, f in zip(done.records, done.fields(), strict=True)
+    ]
+    return Run(done.code, events, "\n".join(e["msg"] for e in events), done.summary)
 
 
 def run_trainer(job: Path, tmp: Path, stop_after_step: int | None = None, command: str = "run") -> Run:
@@ -123,7 +77,7 @@ def run_trainer(job: Path, tmp: Path, stop_after_step: int | None = None, comman
     if command == "run":
         args += ["--device", "cpu"]
     proc = subprocess.Popen(
-        args, env=trainer_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp
+        args, env=process_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp
     )
     events, lines = [], []
     assert proc.stderr is not None
