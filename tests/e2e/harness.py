@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from localkube.cluster import wait
 from localkube.rest import Rest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,18 +133,6 @@ class OperatorProcess:
             except ValueError:
                 continue
         return out
-
-
-def wait(what: str, ready: Callable[[], Any], timeout: float = 60, interval: float = 0.25) -> Any:
-    """Poll `ready` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = ready()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def tiny_job(name: str, model_dir: Path, data_path: Path, **spec: Any) -> dict[str, Any]:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
-import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from e2e.harness import CRD, OperatorProcess, operator_config
 from localkube import Cluster, kwokpods
+from localkube.cluster import wait
 from localkube.rest import MERGE, HttpError, Rest
 
 RESYNC_SECONDS = 10.0
@@ -33,17 +33,6 @@ KWOK_JOB: dict[str, Any] = {
 }
 """A job for kwok's nodes: its pods never run anything, the tests end them."""
 SUMMARY = '{"exitReason": "completed", "steps": 60, "totalSteps": 60}'
-
-
-def wait(what: str, ready: Callable[[], Any], timeout: float = 60, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = ready()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def ftj(name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:

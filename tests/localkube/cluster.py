@@ -20,6 +20,18 @@ from .kubelet import TestKubelet
 LOCAL_NODE = "local-gpu-0"
 
 
+def wait(what: str, ready: Callable[[], Any], timeout: float = 60, interval: float = 0.2) -> Any:
+    """Poll `ready` until it returns something truthy (returned); AssertionError naming `what` after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if value := ready():
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
 class Cluster:
     """A running cluster. Build with Cluster.start(workdir, bin_dir); end with stop().
 
@@ -136,16 +148,7 @@ class Cluster:
 
     # -- waiting ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def wait(what: str, ready: Callable[[], Any], timeout: float = 60, interval: float = 0.2) -> Any:
-        """Poll `ready` until it returns something truthy (returned); AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if value := ready():
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(interval)
+    wait = staticmethod(wait)
 
     def _node_ready(self, name: str) -> bool:
         done = self.kubectl("get", "node", name, "-o", "json", check=False)
