@@ -3,8 +3,8 @@
     python report.py RESULTS_DIR OUT_DIR
 
 RESULTS_DIR holds what the stages wrote (env.json, validate.json, 8b.json, varlen-check.json,
-checkpoint-*.json, profile-*.txt); it runs on the GPU machine at the end of every stage, and here on
-fetched files to rebuild the report.
+checkpoint-*.json, export-*.json, profile-*.txt); it runs on the GPU machine at the end of every
+stage, and here on fetched files to rebuild the report.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def main() -> None:
         if (src / name).is_file():
             results += json.loads((src / name).read_text())
     extra: dict[str, Any] = {}
-    for path in sorted(src.glob("checkpoint-*.json")) + sorted(src.glob("varlen-check.json")):
+    found = [*src.glob("checkpoint-*.json"), *src.glob("export-*.json"), *src.glob("varlen-check.json")]
+    for path in sorted(found):
         extra[path.stem] = json.loads(path.read_text())
     checkpoint = extra.get(f"checkpoint-{HEADLINE_SHAPE}", {})
     head = headline(results, env, checkpoint)

@@ -7,6 +7,9 @@
 #   8b-engines 8B shape: bare Unsloth (seeds' and automatic configs, plain and varlen) and HF + PEFT + bnb
 #   8b-trainer 8B shape: our trainer (seeds' config as committed, automatic config with the hooks),
 #              and the checkpoint cost against moto's S3 server
+#   8b-export  8B shape: the trainer's export (merge, f16 GGUF, q8_0, q4_k_m, llama.cpp runs), timed
+#              per stage; needs .whl-llama/ (benchmarks/gpu/fetch_llama_tools.sh) carried too, and
+#              resumes where a call cut by its time limit stopped
 # Every stage ends with report.py over all results so far: $OUT/results.{json,md}, plot.png.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -66,6 +69,25 @@ for stage in "$@"; do
         model llama-8b
         step "trainer 8b checkpoint" python3 $B/bench_trainer.py /tmp/models/llama-8b /tmp/data "$RES/8b.json" \
             medical:auto:ckpt
+        ;;
+    8b-export)
+        if [ ! -d /tmp/site/llama_cpp ]; then
+            tar -xzf .whl-llama/llama_cpp.tgz -C /tmp/site
+            python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-llama/*.whl
+        fi
+        [ -d /tmp/llama.cpp-0.3.36 ] || tar -xzf .whl-llama/converter.tgz -C /tmp
+        # The bindings were built elsewhere: fail in a second, not after minutes of merging.
+        python3 -c "import llama_cpp; llama_cpp.llama_backend_init(); print(llama_cpp.llama_print_system_info().decode())"
+        # The default export (q8_0; f16 as the quantizer's input). Base, merged model and f16 GGUF
+        # (16 GB each) plus q8_0 twice (work folder and store) do not fit the 64 GiB disk: base and
+        # store go to memory when /dev/shm can hold them, else the 3B shape runs instead.
+        shm=$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)
+        if [ "${shm:-0}" -ge 40 ]; then root=/dev/shm/export shape=llama-8b; else root=/tmp/export shape=llama-3b; fi
+        df -h /tmp /dev/shm
+        step "export $shape" timeout "${EXPORT_TIMEOUT:-500}" env LLAMA_CPP_DIR=/tmp/llama.cpp-0.3.36 \
+            python3 $B/bench_export.py "$root" "$RES/export-$shape.json" --store "$root/store" \
+            --work /tmp/export-work --shape "$shape" --quant q8_0
+        cp "$RES/export-$shape.json" "$OUT/" 2>/dev/null || true
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac
