@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parents[1] / "tests")]  # prepare.SHAPES, trainer_fixtures
+sys.path[:0] = [str(HERE), *(str(HERE.parents[1] / d) for d in ("trainer-image", "tests"))]
 
 from prepare import SHAPES, VOCAB  # noqa: E402
 

@@ -86,7 +86,7 @@ for stage in "$@"; do
         df -h /tmp /dev/shm
         step "export $shape" timeout "${EXPORT_TIMEOUT:-500}" env LLAMA_CPP_DIR=/tmp/llama.cpp-0.3.36 \
             python3 $B/bench_export.py "$root" "$RES/export-$shape.json" --store "$root/store" \
-            --work /tmp/export-work --shape "$shape" --quant q8_0
+            --work /tmp/export-work --shape "$shape" --quant ${EXPORT_QUANT:-q8_0}
         cp "$RES/export-$shape.json" "$OUT/" 2>/dev/null || true
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
