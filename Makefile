@@ -38,11 +38,12 @@ llama-tools: | $(UV)
 test: venv lint cluster-bins llama-tools
 	FINETUNE_CACHE=$(CACHE) $(PY) -m pytest
 
-# The main job end to end on embedded defaults (hack/demo.py, a few minutes): the local control
+# The main job end to end on embedded defaults (hack/demo.py, about 2 minutes): the local control
 # plane and S3, the CRD, the operator, the FineTuneJob of examples/tiny (a tiny model trained on the
 # CPU), its pod evicted once and resumed from the checkpoint, `kubectl get ftj` along the way, the
-# adapter and checkpoints listed from S3; then everything is stopped (logs stay in out/demo/).
-demo: venv cluster-bins
+# adapter, the q8_0 GGUF and the checkpoints listed from S3; then everything is stopped (logs stay
+# in out/demo/).
+demo: venv cluster-bins llama-tools
 	FINETUNE_CACHE=$(CACHE) $(PY) hack/demo.py
 
 # The trainer alone, without Kubernetes: the same tiny job run directly on this machine.

@@ -30,4 +30,7 @@ s = json.load(open(sys.argv[1]))
 for key in ("exitReason", "steps", "finalLoss", "tokens", "tokensPerSecond", "trainSeconds", "checkpointUri"):
     print(f"  {key}: {s.get(key)}")
 print(f"adapter: {s.get('adapterUri')}")
+for a in s.get("artifacts") or []:
+    if a["name"].startswith("gguf-"):
+        print(f"{a['name']}: {a['uri']} ({a['sizeBytes']} bytes)")
 PYEOF

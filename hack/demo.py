@@ -4,10 +4,11 @@ A real control plane (etcd, kube-apiserver, controller-manager, scheduler; tests
 kubelet's node that runs pods as local processes, an S3 server (moto), the FineTuneJob CRD and the
 operator (`python -m finetune_operator run`). Then the tiny job of examples/tiny: its pod is evicted
 once after a checkpoint, a new pod resumes from the checkpoint, and the job ends Succeeded with the
-adapter and checkpoints in S3. `kubectl get ftj` is printed whenever a column changes. Everything is
-stopped at the end; logs stay in out/demo/.
+adapter, a q8_0 GGUF checked in llama.cpp, and the checkpoints in S3. `kubectl get ftj` is printed
+whenever a column changes. Everything is stopped at the end; logs stay in out/demo/.
 
-Usage: .venv/bin/python hack/demo.py   (the Makefile's `demo` target; needs `make cluster-bins`)
+Usage: .venv/bin/python hack/demo.py   (the Makefile's `demo` target; needs `make cluster-bins
+llama-tools`)
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from e2e.harness import (  # noqa: E402
     operator_config,
     pod_running,
     steps,
-    wait,
 )
 from localkube import Cluster, bin_dir, missing, start_s3  # noqa: E402
 from localkube.binaries import BUILD_SCRIPT  # noqa: E402
+from localkube.cluster import wait  # noqa: E402
 from trainer_fixtures import build_tiny_model, demo_text  # noqa: E402
 
 JOB_FILE = REPO / "examples" / "tiny" / "job.yaml"
