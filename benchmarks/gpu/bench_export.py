@@ -33,34 +33,22 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), *(str(HERE.parents[1] / d) for d in ("trainer-image", "tests"))]
 
-from prepare import SHAPES, VOCAB  # noqa: E402
+from prepare import SHAPES, create_model  # noqa: E402
 
 PROMPTS = ["Explain what a checkpoint is.", "Name three colours."]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_base(shape: str, dest: Path) -> int:
-    """A random-initialised model of `shape` with a SentencePiece tokenizer; its parameter count."""
-    import torch
+    """prepare.py's random-initialised model of `shape`, with a SentencePiece tokenizer (its bos 1
+    and eos 2 are the model's); its parameter count."""
     from trainer_fixtures import build_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     if (dest / "bench-params.json").is_file():
         return json.loads((dest / "bench-params.json").read_text())["params"]
     shutil.rmtree(dest, ignore_errors=True)
     build_tokenizer(dest, vocab_size=512)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        torch_dtype="bfloat16",
-        **SHAPES[shape],
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = create_model(shape)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(dest)
     (dest / "bench-params.json").write_text(json.dumps({"shape": shape, "params": params}))

@@ -100,11 +100,11 @@ def write_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def write_model(shape: str, folder: Path) -> None:
+def create_model(shape: str) -> Any:
+    """A random-initialised LlamaForCausalLM of `shape` in bf16, made on the GPU when there is one."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    started = time.monotonic()
     cfg = LlamaConfig(
         vocab_size=VOCAB,
         max_position_embeddings=131072,
@@ -118,7 +118,12 @@ def write_model(shape: str, folder: Path) -> None:
     )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def write_model(shape: str, folder: Path) -> None:
+    started = time.monotonic()
+    model = create_model(shape)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder)
     write_tokenizer(folder)
