@@ -1,12 +1,12 @@
 """The export of an 8B-shape model on the GPU machine, stage by stage: merge into the 16-bit base,
 f16 GGUF, quantizations, each GGUF loaded and run in llama.cpp (docs/export.md, "Figures").
 
-    python bench_export.py ROOT OUT.json [--store DIR] [--work DIR] [--shape llama-8b] [--quant ...]
+    python bench_export.py ROOT OUT.json [--store DIR] [--work DIR] [--shape llama-8b] [--quant q8_0 ...]
 
 Builds once under ROOT (kept while the machine is warm): a random-initialised base of the shape
 (vocabulary 128,256, as the real model) with a small SentencePiece tokenizer (the converter pads the
 GGUF vocabulary to the model's; the word-level tokenizer of prepare.py has no GGUF form), and a LoRA
-adapter of the trainer's defaults (r16 on all seven projections) with random B matrices, so the
+adapter of the spec's defaults (r16 on all seven projections) with random B matrices, so the
 merge changes every targeted weight. Then `finetune_trainer.export.run_export` on the CUDA engine
 into a local store under ROOT, exactly as the trainer calls it. The export resumes (export/state.json
 in the store), so a second call finishes what a call cut by its time limit left.
@@ -36,7 +36,6 @@ sys.path[:0] = [str(HERE), *(str(HERE.parents[1] / d) for d in ("trainer-image",
 from prepare import SHAPES, create_model  # noqa: E402
 
 PROMPTS = ["Explain what a checkpoint is.", "Name three colours."]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_base(shape: str, dest: Path) -> int:
@@ -56,8 +55,10 @@ def build_base(shape: str, dest: Path) -> int:
 
 
 def build_adapter(base: Path, dest: Path) -> None:
-    """LoRA r16 / alpha 16 on the seven projections, B drawn at random (PEFT starts it at zero)."""
+    """A LoRA adapter of the spec's defaults (r, alpha, target modules), B drawn at random (PEFT
+    starts it at zero)."""
     import torch
+    from finetune_trainer.spec import LoraSpec
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +66,10 @@ def build_adapter(base: Path, dest: Path) -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS))
+    lora = LoraSpec()
+    model = get_peft_model(
+        model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules))
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -81,7 +85,7 @@ def main() -> None:
     p.add_argument("--store", type=Path, help="the local store (default ROOT/store-SHAPE)")
     p.add_argument("--work", type=Path, help="the export's work folder (default ROOT/work-SHAPE)")
     p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
-    p.add_argument("--quant", nargs="+", default=["q8_0", "q4_k_m"])
+    p.add_argument("--quant", nargs="+", default=["q8_0"], help="GGUF types (default: the spec's q8_0)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 

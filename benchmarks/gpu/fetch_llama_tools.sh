@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build, here (a machine with the registries), what the export benchmark needs of llama.cpp on the
-# GPU machine, into the git-ignored folder .whl-llama/ (about 27 MiB; carried beside .whl/):
+# GPU machine, into the git-ignored folder .whl-llama/ (about 9 MiB; carried beside .whl/):
 #   llama_cpp.tgz   the llama-cpp-python package (ctypes bindings and libllama/libggml), compiled
 #                   from its sdist with GGML_NATIVE=OFF exactly as trainer-image/Dockerfile does, so
 #                   it runs on any x86-64 CPU with AVX2 and measures what the image would (glibc

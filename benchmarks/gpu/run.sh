@@ -7,9 +7,9 @@
 #   8b-engines 8B shape: bare Unsloth (seeds' and automatic configs, plain and varlen) and HF + PEFT + bnb
 #   8b-trainer 8B shape: our trainer (seeds' config as committed, automatic config with the hooks),
 #              and the checkpoint cost against moto's S3 server
-#   8b-export  8B shape: the trainer's export (merge, f16 GGUF, q8_0, q4_k_m, llama.cpp runs), timed
-#              per stage; needs .whl-llama/ (benchmarks/gpu/fetch_llama_tools.sh) carried too, and
-#              resumes where a call cut by its time limit stopped
+#   8b-export  8B shape (3B when /dev/shm is small): the trainer's export (merge, f16 GGUF, the
+#              EXPORT_QUANT types, default q8_0, llama.cpp runs), timed per stage; needs .whl-llama/
+#              (benchmarks/gpu/fetch_llama_tools.sh) carried too; resumes where a cut call stopped
 # Every stage ends with report.py over all results so far: $OUT/results.{json,md}, plot.png.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
