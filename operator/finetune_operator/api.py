@@ -157,11 +157,13 @@ class Progress(Spec):
     phase: str | None = Field(default=None, max_length=64)
     """The trainer's own stage: Preflight, Loading, Training, Exporting, ..."""
     batch_size: int | None = Field(default=None, ge=1)
-    """Micro-batch rows the trainer runs with (the spec's, or its choice for `batchSize: auto`)."""
+    """Rows per micro-batch the trainer executes (spec.training.microBatches: `auto` may run a
+    step's rows in fewer, larger micro-batches than the spec's batchSize)."""
     gradient_accumulation_steps: int | None = Field(default=None, ge=1)
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step the trainer executes; batchSize x this is always the
+    spec's rows per step."""
     batch_plan: str | None = Field(default=None, max_length=512)
-    """Why this batch: `from spec.training`, or the token budget behind an automatic choice."""
+    """The step split and why: the spec's rows per step, the split chosen and the memory bound."""
     checkpoint_failures: int | None = Field(default=None, ge=0)
     """Checkpoint uploads that failed in the current pod (the trainer retries; see CheckpointsFailing)."""
     updated_at: str | None = None

@@ -199,9 +199,13 @@ def test_progress_from_reports_and_stale_reports_ignored() -> None:
 
 
 def test_batch_plan_reaches_status() -> None:
-    """`batchSize: auto` is decided in the pod; status shows the choice and why."""
+    """The step split is decided in the pod (`microBatches: auto`); status shows the choice and why."""
     f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
-    plan = {"batchSize": 44, "gradientAccumulationSteps": 1, "batchPlan": "auto: token budget 32768"}
+    plan = {
+        "batchSize": 8,
+        "gradientAccumulationSteps": 1,
+        "batchPlan": "8 rows per step (batchSize 2 x gradientAccumulationSteps 4) run as 1 micro-batch",
+    }
     p = derive_status(f, job(), [pod()], {**report(3, "2025-03-01T11:59:30Z"), **plan}, NOW)
     assert {k: p["progress"][k] for k in plan} == plan
 

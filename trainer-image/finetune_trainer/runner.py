@@ -100,24 +100,37 @@ def run(job: Job, device_request: str = "auto", json_lines: bool = True) -> int:
 def _run(ctx: Context, device_request: str) -> int:
     spec = ctx.job.spec
     ctx.progress.update(phase="Preflight")
+    started = time.monotonic()
     checked = preflight.check(spec, ctx.workdir)
     stats = checked.data.stats
-    log.info("preflight ok", extra={"fields": {"event": "preflight", **stats.as_dict()}})
+    log.info(
+        "preflight ok in %.1fs",
+        time.monotonic() - started,
+        extra={"fields": {"event": "preflight", **stats.as_dict()}},
+    )
     device = engines.detect_device(device_request)
     lengths = [len(ids) for ids in checked.data.dataset["input_ids"]]
-    plan = batching.plan(spec, lengths, device, _free_gpu_gib(device), checked.model_source)
+    plan = _batch_plan(spec, lengths, device, checked.model_source)
+    log.info(
+        "step split: %s",
+        plan.reason,
+        extra={
+            "fields": {
+                "event": "batch-plan",
+                "batchSize": plan.batch_size,
+                "gradientAccumulationSteps": plan.gradient_accumulation_steps,
+            }
+        },
+    )
     ctx.progress.update(
         batch_size=plan.batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         batch_plan=plan.reason,
     )
     store = open_store(spec.storage, default_store_root(ctx.job))
-    extra = (
-        {"batchSize": plan.batch_size, "gradientAccumulationSteps": plan.gradient_accumulation_steps}
-        if spec.training.batch_size == "auto"
-        else None
-    )
-    fingerprint = checkpoints.config_fingerprint(spec, extra)
+    # The split is not in the fingerprint: it changes how a step is computed, not what (a pod on a
+    # smaller GPU resumes the same run with more micro-batches).
+    fingerprint = checkpoints.config_fingerprint(spec)
     with config_errors("spec.storage.uri"):
         resumed = checkpoints.resolve_resume(store, fingerprint, ctx.workdir / "resume")
     resume_dir, resume_ref = resumed if resumed else (None, None)
@@ -141,7 +154,14 @@ def _run(ctx: Context, device_request: str) -> int:
         return EXIT_INTERRUPTED
 
     ctx.progress.update(phase="Loading")
+    loading = time.monotonic()
     model, tokenizer = engines.load(spec, device, checked.model_source)
+    activations = _activation_plan(spec, device, model, checked.model_source)
+    log.info(
+        "model loaded in %.1fs",
+        time.monotonic() - loading,
+        extra={"fields": {"event": "loaded", "seconds": round(time.monotonic() - loading, 2)}},
+    )
 
     def on_complete(ref: checkpoints.CheckpointRef, seconds: float) -> None:
         ctx.progress.update(checkpoint=_checkpoint_status(ref, seconds), checkpoint_failures=0)
@@ -181,7 +201,11 @@ def _run(ctx: Context, device_request: str) -> int:
             metrics=ctx.metrics,
             json_lines=ctx.json_lines,
             resume_dir=resume_dir,
+            before_micro_batch=activations,
         )
+        if activations is not None and activations.kept_range is not None:
+            low, high = activations.kept_range
+            ctx.result["activationLayersKept"] = {"min": low, "max": high, "of": len(activations.layers)}
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)
         ctx.result.update(
@@ -274,13 +298,26 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "artifacts"}
 
 
-def _free_gpu_gib(device: str) -> float | None:
+def _activation_plan(spec: Any, device: str, model: Any, model_source: str) -> Any:
+    """engines.cuda.ActivationPlan for `gradientCheckpointing: auto` on CUDA, else None."""
     if device != "cuda":
         return None
+    from finetune_trainer import memory
+    from finetune_trainer.engines import cuda
+
+    return cuda.activation_plan(spec, model, memory.model_config(model_source))
+
+
+def _batch_plan(spec: Any, lengths: list[int], device: str, model_source: str) -> batching.BatchPlan:
+    if device != "cuda":
+        return batching.plan(spec, lengths, device=device)
     import torch
 
+    from finetune_trainer import memory
+
     free, _total = torch.cuda.mem_get_info()
-    return free / 2**30
+    model = memory.ModelMemory.from_config(memory.model_config(model_source))
+    return batching.plan(spec, lengths, device=device, memory=model, free_bytes=free)
 
 
 def _peak_gpu_gib(device: str) -> float | None:

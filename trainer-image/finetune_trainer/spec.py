@@ -206,8 +206,12 @@ class LoraSpec(Spec):
     """Rank-stabilised LoRA (scale alpha / sqrt(r))."""
     use_loftq: bool = False
     """Initialise the adapter with LoftQ to offset 4-bit quantization error."""
-    gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
-    """Activation checkpointing: `unsloth` offloads to CPU on CUDA (plain checkpointing elsewhere)."""
+    gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = "auto"
+    """Activation checkpointing (memory for time; the same maths either way). `auto`: on CUDA each
+    micro-batch keeps the activations of as many layers as fit the GPU's memory and recomputes the
+    rest with Unsloth's offloaded checkpointing; plain checkpointing on the CPU. `unsloth`: every
+    layer recomputed, activations offloaded to host memory (the tutorials' setting); `true`: plain
+    checkpointing of every layer; `false`: none."""
     random_state: int = Field(default=3407, ge=0)
     """Seed for the adapter's initial weights."""
 
@@ -221,11 +225,19 @@ class TrainingArgs(Spec):
         )
     )
 
-    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = 2
-    """Rows per device per micro-batch, or `auto`: the trainer picks the micro-batch from a token
-    budget that fits GPU memory and keeps the effective batch through accumulation."""
+    batch_size: int = Field(default=2, ge=1, le=4096)
+    """Rows per device per micro-batch as the recipe states it. Rows per optimizer step =
+    batchSize x gradientAccumulationSteps x GPUs; with `microBatches: auto` the trainer may run
+    those rows in fewer, larger micro-batches (the same rows, the same loss)."""
     gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096)
-    """Micro-batches per optimizer step. Effective batch = batchSize x this x GPUs."""
+    """Micro-batches per optimizer step as the recipe states it (see batchSize)."""
+    micro_batches: Literal["auto", "literal"] = "auto"
+    """How each optimizer step's batchSize x gradientAccumulationSteps rows are executed. `auto`:
+    in the fewest micro-batches whose rows fit the GPU's memory with a margin; the loss is
+    normalised over all tokens of the step, so the steps, their rows and their losses are the
+    recipe's (equal to `literal` within bf16 rounding). The split chosen and why are in the log and
+    in status. `literal`: exactly gradientAccumulationSteps micro-batches of batchSize rows (for
+    debugging and comparisons)."""
     warmup_steps: int = Field(default=5, ge=0)
     """Linear warm-up steps of the learning rate."""
     max_steps: int | None = Field(default=None, ge=1)

@@ -14,6 +14,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,8 +344,12 @@ def train(
     metrics: Metrics,
     json_lines: bool,
     resume_dir: Path | None,
+    before_micro_batch: Callable[[int], None] | None = None,
 ) -> TrainOutcome:
-    """Run SFTTrainer to the end or until `stop` is set; the last checkpoint is submitted either way."""
+    """Run SFTTrainer to the end or until `stop` is set; the last checkpoint is submitted either way.
+
+    `before_micro_batch(tokens)` runs before each micro-batch's forward pass with the micro-batch's
+    size in tokens (padding included): the CUDA engine's activation plan (engines.cuda)."""
     import torch
     from transformers import PrinterCallback, Trainer
     from transformers import ProgressCallback as HFProgressCallback
@@ -360,6 +365,9 @@ def train(
 
         def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
             meter.add_batch(inputs)
+            if before_micro_batch is not None:
+                ids = inputs.get("input_ids")
+                before_micro_batch(ids.numel() if ids is not None else 0)  # shape only: no GPU sync
             loss = super().training_step(model, inputs, *rest, **kw)
             meter.add_loss(loss)
             return loss
@@ -393,7 +401,7 @@ def train(
         precision,
         plan.batch_size,
         plan.gradient_accumulation_steps,
-        plan.reason,
+        "microBatches: " + spec.training.micro_batches,
     )
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
