@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from finetune_trainer.gguf import LOG_PROB_TOLERANCE
 from s3server import TEST_CREDENTIALS, start_moto_server
 from trainer_fixtures import build_tokenizer
 
@@ -174,10 +175,14 @@ def test_export_adapter_merged_and_verified_gguf_to_s3(
     assert by_name["merged_16bit"]["sha256"] == s3_sha256(client, "job-a/artifacts/merged_16bit/SHA256SUMS")
 
     stages = state_of(client, "job-a")["stages"]
-    assert stages["gguf-f16"]["verifiedTokens"] == 16
-    assert stages["gguf-f16"]["answers"] == stages["merged"]["after"]  # same greedy text as HF
-    for q in ("q8_0", "q4_k_m"):
+    assert list(stages) == ["adapter", "merged", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "samples"]
+    for q in ("f16", "q8_0", "q4_k_m"):
+        # every file was checked against the merged model before it was stored
+        assert stages[f"gguf-{q}"]["verifiedTokens"] == 16
+        assert 0 <= stages[f"gguf-{q}"]["maxLogProbDelta"] <= LOG_PROB_TOLERANCE[q]
         assert all(stages[f"gguf-{q}"]["answers"])
+    print({q: stages[f"gguf-{q}"]["maxLogProbDelta"] for q in ("f16", "q8_0", "q4_k_m")})
+    assert stages["gguf-f16"]["answers"] == stages["merged"]["after"]  # same greedy text as HF
 
     # the merge changed the weights (the adapter is not a no-op), in 16-bit
     merged = load_file(out / "merged_16bit" / "model.safetensors")
@@ -295,3 +300,82 @@ def test_push_is_off_by_default_and_never_leaks_the_token(
     assert "push to me/model failed" in str(e.value)
     assert token not in str(e.value) and token not in caplog.text
     assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def vendored_gguf() -> Any:
+    """The gguf-py package of the llama.cpp tree the converter runs from (it reads what it writes)."""
+    from finetune_trainer.gguf import llama_cpp_dir
+
+    gguf_py = str(llama_cpp_dir() / "gguf-py")
+    sys.path.insert(0, gguf_py)
+    try:
+        import gguf
+    finally:
+        sys.path.remove(gguf_py)
+    return gguf
+
+
+def test_streamed_gguf_is_the_converters_file_of_the_merged_folder(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """gguf_write (merged tensors, quantized in torch) against llama.cpp's own convert_hf_to_gguf.py
+    run on the merged folder: the same tensors, types and bytes, the same metadata but the name
+    (taken from the input folder's name)."""
+    from finetune_trainer import gguf as g
+    from finetune_trainer.merge import merge_adapter
+
+    reader = vendored_gguf().GGUFReader
+    base, adapter = tiny
+    merge_adapter(base, adapter, tmp_path / "merged", "cpu")
+    for outtype in ("q8_0", "f16"):
+        ours, theirs = tmp_path / f"ours-{outtype}.gguf", tmp_path / f"cli-{outtype}.gguf"
+        g.write_merged(base, adapter, ours, outtype, "cpu")
+        g.convert(tmp_path / "merged", theirs, outtype)
+        a, b = reader(ours), reader(theirs)
+        assert [(t.name, t.tensor_type, t.shape.tolist()) for t in a.tensors] == [
+            (t.name, t.tensor_type, t.shape.tolist()) for t in b.tensors
+        ]
+        for x, y in zip(a.tensors, b.tensors, strict=True):
+            assert x.data.tobytes() == y.data.tobytes(), f"{outtype} {x.name}"
+        fields = {k for k in a.fields if k != "general.name"}
+        assert fields == {k for k in b.fields if k != "general.name"}
+        assert all(a.fields[k].parts[-1].tobytes() == b.fields[k].parts[-1].tobytes() for k in fields)
+
+
+def test_a_wrong_gguf_fails_the_check(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Shuffling the rows of one attention projection (the kind of error a wrong tensor layout
+    makes) moves the verified log-probabilities far past every type's tolerance."""
+    import numpy as np
+    from finetune_trainer import gguf as g
+    from finetune_trainer.export import teacher_forced_log_probs
+    from finetune_trainer.merge import merged_model
+    from finetune_trainer.samples import greedy_ids
+    from transformers import AutoTokenizer
+
+    base, adapter = tiny
+    path = tmp_path / "model-q8_0.gguf"
+    g.write_merged(base, adapter, path, "q8_0", "cpu")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = merged_model(base, adapter, "cpu")
+    prompt = tok(PROMPTS[0])["input_ids"]
+    reference = greedy_ids(model, tok, prompt, 12)
+    expected = [teacher_forced_log_probs(model, prompt, reference)]
+
+    def check(actual: list[list[float]], quant: str) -> float:
+        return g.check_log_probs(
+            quant, prompts=PROMPTS[:1], expected=expected, actual=actual, token_text=str, tokens=[reference]
+        )
+
+    assert check(g.gguf_log_probs(path, [prompt], [reference]), "q8_0") <= LOG_PROB_TOLERANCE["q8_0"]
+
+    file = vendored_gguf().GGUFReader(path, "r+")
+    tensor = next(t for t in file.tensors if t.name == "blk.0.attn_q.weight")
+    tensor.data[:] = np.array(tensor.data)[np.random.default_rng(0).permutation(len(tensor.data))]
+    file.data.flush()
+    del file
+    bad = g.gguf_log_probs(path, [prompt], [reference])
+    worst = max(abs(a - b) for a, b in zip(expected[0], bad[0], strict=True))
+    print(f"shuffled attn_q: largest log-probability difference {worst:.3f}")
+    assert worst > max(LOG_PROB_TOLERANCE.values())
+    with pytest.raises(g.ExportError, match=r"export\.verifyTokens"):
+        check(bad, "q4_k_m")

@@ -1,53 +1,81 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from finetune_trainer.artifacts import empty_state, parse_sums, with_stage
 from finetune_trainer.export import plan_stages
-from finetune_trainer.gguf import ExportError, check_greedy_match, first_mismatch
+from finetune_trainer.gguf import LOG_PROB_TOLERANCE, ExportError, check_log_probs, log_probs_of
 from finetune_trainer.merge import merged_dtype
 from finetune_trainer.samples import samples_document, samples_markdown
 from finetune_trainer.spec import ExportSpec
 
 
-def test_default_export_builds_f16_for_quantizing_and_checking() -> None:
-    assert plan_stages(ExportSpec(), has_prompts=False) == ["adapter", "merged", "gguf-f16", "gguf-q8_0"]
+def test_default_export_writes_q8_0_without_an_f16_stage() -> None:
+    assert plan_stages(ExportSpec(), has_prompts=False) == ["adapter", "merged", "gguf-q8_0"]
 
 
 def test_adapter_only_when_nothing_else_is_asked() -> None:
     assert plan_stages(ExportSpec(gguf=[]), has_prompts=False) == ["adapter"]
 
 
-def test_full_plan_order() -> None:
+def test_full_plan_order_follows_the_spec() -> None:
     spec = ExportSpec(
         merged_16bit=True,
-        gguf=["q4_k_m", "f16", "bf16"],
+        gguf=["q4_k_m", "f16", "bf16", "f16"],
         push={"repo": "me/m", "tokenSecretRef": {"name": "s", "key": "k"}},
     )
     assert plan_stages(spec, has_prompts=True) == [
         "adapter",
         "merged",
-        "gguf-f16",
         "gguf-q4_k_m",
+        "gguf-f16",
         "gguf-bf16",
         "samples",
         "push",
     ]
 
 
-def test_first_mismatch() -> None:
-    assert first_mismatch([1, 2, 3], [1, 2, 3], 3) is None
-    assert first_mismatch([1, 2, 3], [1, 5, 3], 3) == 1
-    assert first_mismatch([1, 2, 3, 4], [1, 2, 3, 5], 3) is None  # beyond n
-    assert first_mismatch([1, 2], [1, 2, 3], 3) == 2  # HF stopped, GGUF went on
-    assert first_mismatch([1, 2], [1, 2], 16) is None  # both stopped
+def test_log_probs_of_rows() -> None:
+    logits = np.array([[0.0, 0.0], [3.0, 1.0]])
+    got = log_probs_of(logits, [1, 0])
+    assert got == pytest.approx([np.log(0.5), 3.0 - np.log(np.exp(3.0) + np.exp(1.0))])
 
 
-def test_greedy_mismatch_names_position_and_both_tokens() -> None:
+def test_log_prob_check_passes_within_tolerance_and_reports_the_worst() -> None:
+    tol = LOG_PROB_TOLERANCE["q8_0"]
+    worst = check_log_probs(
+        "q8_0",
+        prompts=["a", "b"],
+        expected=[[-0.1, -2.0], [-0.5]],
+        actual=[[-0.1 - tol / 2, -2.0], [-0.5 + tol / 4]],
+        token_text=str,
+        tokens=[[5, 6], [7]],
+    )
+    assert worst == pytest.approx(tol / 2)
+
+
+def test_log_prob_check_names_prompt_position_token_and_both_values() -> None:
     with pytest.raises(ExportError) as e:
-        check_greedy_match(["hi"], [[7, 8, 9]], [[7, 8, 4]], 3, lambda t: f"<t{t}>")
-    assert "position 2 of 3" in str(e.value)
-    assert "9 '<t9>'" in str(e.value) and "4 '<t4>'" in str(e.value)
-    assert "export.verifyTokens" in str(e.value)
+        check_log_probs(
+            "f16",
+            prompts=["hi there"],
+            expected=[[-0.2, -0.3, -1.0]],
+            actual=[[-0.2, -0.3, -4.5]],
+            token_text=lambda t: f"<t{t}>",
+            tokens=[[7, 8, 9]],
+        )
+    message = str(e.value)
+    assert "export.verifyTokens" in message and "token 2" in message and "'hi there'" in message
+    assert "9 '<t9>'" in message and "-4.500" in message and "-1.000" in message
+    assert "off by 3.500" in message and "0.02 allowed for f16" in message
+
+
+def test_every_exportable_type_has_a_tolerance() -> None:
+    from typing import get_args
+
+    from finetune_trainer.spec import GgufQuantization
+
+    assert set(get_args(GgufQuantization)) == set(LOG_PROB_TOLERANCE)
 
 
 def test_merged_dtype_keeps_16_bit_bases() -> None:

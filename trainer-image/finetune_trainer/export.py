@@ -5,15 +5,20 @@ Export runs as stages. After each one `export/state.json` in the store records i
 records; a pod that replaces a preempted one skips every stage whose artifacts are still in the
 store with the recorded size and sha256, and runs the rest. Stage order (`plan_stages`):
 
-  adapter -> merged -> gguf-f16 -> gguf-bf16 / gguf-q8_0 / ... -> samples -> push
+  adapter -> merged -> gguf-q8_0 / gguf-f16 / gguf-q4_k_m / ... (as listed) -> samples -> push
 
-`merged` produces the HF reference (greedy tokens and answers of the merged model) that the GGUF
-stages are checked against, so no later stage needs the HF model again. The f16 GGUF is built
-whenever any GGUF is asked for: it is the quantizer's input and the file the greedy check runs on.
+`merged` produces the HF reference (the merged model's greedy tokens, their log-probabilities and
+its answers) that every GGUF is checked against, so no later stage needs the HF model again; it
+writes the merged folder only when `merged16bit` is asked for. f16, bf16
+and q8_0 are written straight from the base and the adapter (gguf.write_merged: no merged folder,
+no f16 intermediate); the k-quants are quantized from an f16 GGUF, built for them in the work
+folder when f16 itself is not exported. Every GGUF written is loaded in llama.cpp and checked
+(gguf.check_log_probs) before it is stored.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from finetune_trainer import artifacts as art
 from finetune_trainer import gguf, samples
 from finetune_trainer.gguf import ExportError
+from finetune_trainer.merge import Merger, UnsupportedAdapterError, merge_adapter, merged_model
 from finetune_trainer.modelfile import modelfile_for
 
 if TYPE_CHECKING:
@@ -47,9 +53,7 @@ def plan_stages(export: ExportSpec, has_prompts: bool) -> list[str]:
     stages = ["adapter"]
     if export.merged_16bit or export.gguf or has_prompts:
         stages.append("merged")
-    if export.gguf:
-        stages.append("gguf-f16")
-        stages += [f"gguf-{q}" for q in dict.fromkeys(export.gguf) if q != "f16"]
+    stages += [f"gguf-{q}" for q in dict.fromkeys(export.gguf)]
     if has_prompts:
         stages.append("samples")
     if export.push is not None:
@@ -72,11 +76,13 @@ class Export:
     ) -> None:
         self.spec, self.base_dir, self.adapter_dir = spec, base_dir, adapter_dir
         self.store, self.engine = store, engine
+        self.device = "cuda" if engine == "cuda" else "cpu"
         self.out = workdir / "artifacts"  # mirrors the store's artifacts/ (what push uploads)
         self.build = workdir / "build"  # intermediates that are not artifacts
         self.state = art.load_state(store)
         self.prompts = spec.samples.prompts or [VERIFY_PROMPT]
-        self.n_text = spec.samples.max_new_tokens
+        # Answers are generated only for sample prompts; the check needs verifyTokens tokens.
+        self.n_text = spec.samples.max_new_tokens if spec.samples.prompts else 0
         self.n_gen = max(self.n_text, spec.export.verify_tokens)
         self._tokenizer: Any = None
 
@@ -145,29 +151,42 @@ class Export:
         )
 
     def merged(self) -> dict[str, Any]:
+        """The reference: the merged model's greedy tokens for each prompt, the log-probabilities it
+        gives the first verifyTokens of them (teacher-forced) and its answers; the merged folder
+        too when it is an artifact."""
         import torch
 
-        out = self.merged_dir()
-        shutil.rmtree(out, ignore_errors=True)
-        model = _merge(self.base_dir, self.adapter_dir, out, self.engine)
+        artifacts = []
+        if self.spec.export.merged_16bit:
+            out = self.merged_dir()
+            shutil.rmtree(out, ignore_errors=True)
+            merge_adapter(self.base_dir, self.adapter_dir, out, self.device)
+            artifacts.append(art.upload_folder(self.store, "merged_16bit", "artifacts/merged_16bit/", out))
+        model = merged_model(self.base_dir, self.adapter_dir, self.device)
         tok = self.tokenizer
         prompt_ids = [
             samples.encode_prompt(tok, p)
             for p in samples.rendered_prompts(self.spec.template, self.prompts, tok)
         ]
         reference = [samples.greedy_ids(model, tok, ids, self.n_gen) for ids in prompt_ids]
+        verified = [ids[: self.spec.export.verify_tokens] for ids in reference]
+        log_probs = [teacher_forced_log_probs(model, p, v) for p, v in zip(prompt_ids, verified, strict=True)]
         after = [tok.decode(ids[: self.n_text], skip_special_tokens=True) for ids in reference]
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        artifacts = []
-        if self.spec.export.merged_16bit:
-            artifacts.append(art.upload_folder(self.store, "merged_16bit", "artifacts/merged_16bit/", out))
-        return {"artifacts": artifacts, "promptIds": prompt_ids, "reference": reference, "after": after}
+        return {
+            "artifacts": artifacts,
+            "promptIds": prompt_ids,
+            "reference": reference,
+            "referenceLogProbs": log_probs,
+            "after": after,
+        }
 
     def local_merged(self) -> Path:
-        """The merged folder for the converter: this run's, the stored artifact, or merged again."""
+        """The merged folder for llama.cpp's converter (adapters the streaming writer cannot merge):
+        this run's, the stored artifact, or merged again."""
         out = self.merged_dir()
         if (out / "config.json").is_file():
             return out
@@ -175,7 +194,7 @@ class Export:
         if stored:
             art.download_folder(self.store, stored[0], out)
         else:
-            _merge(self.base_dir, self.adapter_dir, out, self.engine)  # the model itself is not needed
+            merge_adapter(self.base_dir, self.adapter_dir, out, self.device)
         return out
 
     def gguf_path(self, quant: str) -> Path:
@@ -184,37 +203,60 @@ class Export:
             self.local(art.ARTIFACTS_PREFIX + name) if quant in self.spec.export.gguf else self.build / name
         )
 
-    def local_f16(self) -> Path:
-        """The f16 GGUF (quantizer input): this run's, the stored artifact (downloaded and verified
-        by stage_verified), or converted again."""
-        path = self.gguf_path("f16")
-        if not path.is_file():
-            gguf.convert(self.local_merged(), path, "f16")
-        return path
-
-    def gguf_stage(self, quant: str) -> dict[str, Any]:
+    def write_gguf(self, quant: str) -> Path:
+        """f16 / bf16 / q8_0 written from base + adapter (or from the merged folder for adapters the
+        streaming writer refuses); the k-quants quantized from the f16 GGUF."""
         path = self.gguf_path(quant)
         if quant in gguf.CONVERTER_TYPES:
-            path.unlink(missing_ok=True)
-            gguf.convert(self.local_merged(), path, quant)
+            if self.streamable:
+                gguf.write_merged(self.base_dir, self.adapter_dir, path, quant, self.device)
+            else:
+                gguf.convert(self.local_merged(), path, quant)
         else:
             gguf.quantize(self.local_f16(), path, quant)
+        return path
+
+    def local_f16(self) -> Path:
+        """The f16 GGUF (the quantizer's input): this run's, the stored artifact (downloaded and
+        verified by stage_verified), or written again."""
+        path = self.gguf_path("f16")
+        return path if path.is_file() else self.write_gguf("f16")
+
+    @functools.cached_property
+    def streamable(self) -> bool:
+        try:
+            Merger(self.base_dir, self.adapter_dir)
+        except UnsupportedAdapterError as e:
+            log.info("export: %s; merging into a folder for llama.cpp's converter", e)
+            return False
+        return True
+
+    def gguf_stage(self, quant: str) -> dict[str, Any]:
+        path = self.write_gguf(quant)
         merged = self.state["stages"]["merged"]
-        results = gguf.generate(path, merged["promptIds"], self.n_gen, gpu=self.engine == "cuda")
-        record: dict[str, Any] = {"answers": [self.gguf_text(ids) for ids in results]}
-        if quant == "f16" and self.spec.export.verify_tokens:
-            gguf.check_greedy_match(
-                self.prompts,
-                merged["reference"],
-                results,
-                self.spec.export.verify_tokens,
-                self.tokenizer.convert_ids_to_tokens,
+        record: dict[str, Any] = {}
+        n_verify = self.spec.export.verify_tokens
+        if n_verify:
+            verified = [ids[:n_verify] for ids in merged["reference"]]
+            record["maxLogProbDelta"] = round(
+                gguf.check_log_probs(
+                    quant,
+                    prompts=self.prompts,
+                    expected=merged["referenceLogProbs"],
+                    actual=gguf.gguf_log_probs(path, merged["promptIds"], verified),
+                    token_text=self.tokenizer.convert_ids_to_tokens,
+                    tokens=verified,
+                ),
+                5,
             )
-            record["verifiedTokens"] = self.spec.export.verify_tokens
-        artifacts = []
-        if quant in self.spec.export.gguf:
-            artifacts.append(art.upload_file(self.store, f"gguf-{quant}", f"artifacts/{path.name}", path))
-            artifacts.append(self.modelfile(quant, path.name))
+            record["verifiedTokens"] = n_verify
+        if self.n_text:
+            results = gguf.generate(path, merged["promptIds"], self.n_text, gpu=self.engine == "cuda")
+            record["answers"] = [self.gguf_text(ids) for ids in results]
+        artifacts = [
+            art.upload_file(self.store, f"gguf-{quant}", f"artifacts/{path.name}", path),
+            self.modelfile(quant, path.name),
+        ]
         return {"artifacts": artifacts, **record}
 
     def gguf_text(self, ids: list[int]) -> str:
@@ -231,7 +273,9 @@ class Export:
     def write_samples(self) -> dict[str, Any]:
         stages = self.state["stages"]
         gguf_answers = {
-            name.removeprefix("gguf-"): s["answers"] for name, s in stages.items() if name.startswith("gguf-")
+            name.removeprefix("gguf-"): s["answers"]
+            for name, s in stages.items()
+            if name.startswith("gguf-") and "answers" in s
         }
         records = samples.samples_document(
             self.spec.samples.prompts,
@@ -266,10 +310,17 @@ class Export:
         return {"artifacts": [], "repo": push.repo, "commit": commit}
 
 
-def _merge(base_dir: Path, adapter_dir: Path, out: Path, engine: str) -> Any:
-    from finetune_trainer.merge import merge_adapter
+def teacher_forced_log_probs(model: Any, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+    """log p(tokens[i] | prompt, tokens[:i]) under the HF `model`, from one forward pass."""
+    import torch
 
-    return merge_adapter(base_dir, adapter_dir, out, "cuda" if engine == "cuda" else "cpu")
+    if not tokens:
+        return []
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids) + list(tokens)], device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(tokens)]
+    return gguf.log_probs_of(logits.double().cpu().numpy(), tokens)
 
 
 def run_export(  # noqa: PLR0917  (positional: the trainer's call contract)

@@ -1,9 +1,14 @@
-"""GGUF with llama.cpp's own tools: convert a merged HF model, quantize, load and generate greedily.
+"""GGUF with llama.cpp's own tools: write base + adapter as GGUF, quantize, load, check and generate.
 
 The converter (`convert_hf_to_gguf.py` with its `conversion/` package and `gguf-py`) comes from the
 llama.cpp tree vendored in the llama-cpp-python sdist (`hack/llama-tools.sh` extracts it; the
 trainer image sets `LLAMA_CPP_DIR`); the quantizer and the loader are the ctypes bindings of the
 llama-cpp-python package. Nothing is downloaded at run time.
+
+f16, bf16 and q8_0 are written by `write_merged` (gguf_write.py: the converter's classes reading
+merged tensors, quantizing on the GPU) straight from the 16-bit base and the adapter; the k-quants
+are quantized from an f16 GGUF by llama.cpp's quantizer. `check_log_probs` is the check every
+written GGUF passes (export.verifyTokens).
 """
 
 from __future__ import annotations
@@ -17,8 +22,16 @@ from typing import Any
 LLAMA_CPP_DIR_ENV = "LLAMA_CPP_DIR"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
-CONVERTER_TYPES = frozenset({"f16", "bf16"})
-"""Written by the converter itself."""
+CONVERTER_TYPES = frozenset({"f16", "bf16", "q8_0"})
+"""Written by the converter's classes (gguf_write.py, or convert_hf_to_gguf.py on a merged folder)."""
+
+LOG_PROB_TOLERANCE = {"f16": 0.02, "bf16": 0.05, "q8_0": 0.1, "q6_k": 0.2, "q5_k_m": 0.3, "q4_k_m": 0.5}
+"""Largest difference allowed between the log-probability a GGUF gives a verified token and the one
+the merged model gives it (nats), by type. The merged model's own greedy tokens are fed to both
+(teacher forcing), so the check compares the two models position by position and does not depend
+on near-ties between tokens the way a greedy match does. Measured on a trained tiny Llama
+(docs/export.md, "Verification"): f16 1e-3, q8_0 1e-2, q4_k_m 0.1; a GGUF with one projection's
+weights shuffled or its rotary layout wrong is off by 1 to 10 nats."""
 
 QUANT_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 """Quantized from the f16 GGUF by `llama_model_quantize` (values of llama.h's `llama_ftype`)."""
@@ -68,21 +81,50 @@ def converter_env(llama_dir: Path, base: dict[str, str]) -> dict[str, str]:
 
 
 def convert(merged_dir: Path, out: Path, outtype: str) -> None:
-    """HF folder -> GGUF (`outtype` f16 or bf16) with llama.cpp's converter, in a subprocess."""
+    """HF folder -> GGUF (`outtype` f16, bf16 or q8_0) with llama.cpp's converter, in a subprocess."""
     if outtype not in CONVERTER_TYPES:
         raise ValueError(f"outtype: expected one of {sorted(CONVERTER_TYPES)}, got {outtype!r}")
     llama_dir = llama_cpp_dir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
+    _run_converter(
         convert_command(llama_dir, merged_dir, out, outtype),
-        env=converter_env(llama_dir, dict(os.environ)),
-        capture_output=True,
-        text=True,
-        check=False,
+        llama_dir,
+        out,
+        f"convert_hf_to_gguf.py --outtype {outtype}",
     )
+
+
+def write_merged(base_dir: Path, adapter_dir: Path, out: Path, outtype: str, device: str) -> None:
+    """Base + adapter -> GGUF (`outtype` f16, bf16 or q8_0) without a merged folder: gguf_write.py in
+    a subprocess, the tensors merged and quantized on `device`."""
+    if outtype not in CONVERTER_TYPES:
+        raise ValueError(f"outtype: expected one of {sorted(CONVERTER_TYPES)}, got {outtype!r}")
+    llama_dir = llama_cpp_dir()
+    command = [
+        sys.executable,
+        "-m",
+        "finetune_trainer.gguf_write",
+        str(base_dir),
+        str(adapter_dir),
+        str(out),
+        "--outtype",
+        outtype,
+        "--device",
+        device,
+    ]
+    _run_converter(command, llama_dir, out, f"gguf_write --outtype {outtype}")
+
+
+def _run_converter(command: list[str], llama_dir: Path, out: Path, what: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    env = converter_env(llama_dir, dict(os.environ))
+    # The subprocess imports finetune_trainer (gguf_write) from wherever this process does.
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], package_root])
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not out.is_file():
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
-        raise ExportError(f"convert_hf_to_gguf.py --outtype {outtype} failed ({result.returncode}):\n{tail}")
+        raise ExportError(f"{what} failed ({result.returncode}):\n{tail}")
 
 
 def quantize(source: Path, out: Path, quant: str, threads: int = 0) -> None:
@@ -135,37 +177,59 @@ def generate(path: Path, prompt_ids: list[list[int]], max_new_tokens: int, gpu: 
         llm.close()
 
 
-def first_mismatch(expected: list[int], actual: list[int], n: int) -> int | None:
-    """First position < n where the two greedy sequences differ (one ending early counts), or None."""
-    for i in range(n):
-        a = expected[i] if i < len(expected) else None
-        b = actual[i] if i < len(actual) else None
-        if a is None and b is None:
-            return None
-        if a != b:
-            return i
-    return None
+def gguf_log_probs(path: Path, prompt_ids: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
+    """Teacher-forced: for each prompt, the log-probability the GGUF gives each of `tokens` after
+    the prompt and the tokens before it, from one batched evaluation of prompt + tokens."""
+    import llama_cpp
+    import numpy as np
+
+    n_ctx = max((len(p) + len(t) for p, t in zip(prompt_ids, tokens, strict=True)), default=0) + 8
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, seed=0, verbose=False)
+    try:
+        result = []
+        for ids, expected in zip(prompt_ids, tokens, strict=True):
+            llm.reset()
+            llm.eval(list(ids) + list(expected))
+            logits = np.asarray(llm.scores[len(ids) - 1 : len(ids) - 1 + len(expected)], dtype=np.float64)
+            result.append(log_probs_of(logits, expected))
+        return result
+    finally:
+        llm.close()
 
 
-def check_greedy_match(
+def log_probs_of(logits: Any, tokens: list[int]) -> list[float]:
+    """log softmax(logits[i])[tokens[i]] for each row i (float64)."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return [float(logits[i, t] - lse[i]) for i, t in enumerate(tokens)]
+
+
+def check_log_probs(
+    quant: str,
+    *,
     prompts: list[str],
-    expected: list[list[int]],
-    actual: list[list[int]],
-    n: int,
+    expected: list[list[float]],
+    actual: list[list[float]],
     token_text: Any,
-) -> None:
-    """Fail unless the f16 GGUF's first `n` greedy tokens equal the HF model's for every prompt.
+    tokens: list[list[int]],
+) -> float:
+    """Fail unless every verified token's log-probability in the GGUF is within
+    LOG_PROB_TOLERANCE[quant] of the merged model's; returns the largest difference seen.
 
     `token_text(id)` names a token in the message."""
-    for prompt, hf, gg in zip(prompts, expected, actual, strict=True):
-        i = first_mismatch(hf, gg, n)
-        if i is None:
-            continue
-
-        def name(seq: list[int], i: int = i) -> str:
-            return f"{seq[i]} {token_text(seq[i])!r}" if i < len(seq) else "<end of generation>"
-
-        raise ExportError(
-            f"export.verifyTokens: the f16 GGUF's greedy tokens differ from the merged model's at position "
-            f"{i} of {n} for prompt {prompt[:60]!r}: merged model {name(hf)}, GGUF {name(gg)}"
-        )
+    tolerance = LOG_PROB_TOLERANCE[quant]
+    worst = 0.0
+    for prompt, hf, gg, ids in zip(prompts, expected, actual, tokens, strict=True):
+        for i, (a, b) in enumerate(zip(hf, gg, strict=True)):
+            delta = abs(a - b)
+            if delta > tolerance:
+                raise ExportError(
+                    f"export.verifyTokens: the {quant} GGUF gives token {i} of the merged model's answer "
+                    f"to {prompt[:60]!r} ({ids[i]} {token_text(ids[i])!r}) log-probability {b:.3f}, the "
+                    f"merged model {a:.3f}: off by {delta:.3f}, more than the {tolerance} allowed for {quant}"
+                )
+            worst = max(worst, delta)
+    return worst

@@ -155,7 +155,9 @@ def _run(ctx: Context, device_request: str) -> int:
 
     ctx.progress.update(phase="Loading")
     loading = time.monotonic()
-    model, tokenizer = engines.load(spec, device, checked.model_source)
+    model, tokenizer = engines.load(
+        spec, device, checked.model_source, store=store, workdir=ctx.workdir, stop=ctx.stop
+    )
     activations = _activation_plan(spec, device, model, checked.model_source)
     log.info(
         "model loaded in %.1fs",

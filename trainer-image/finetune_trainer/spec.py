@@ -337,9 +337,13 @@ class ExportSpec(Spec):
     merged_16bit: bool = False
     """Also save the base model with the adapter merged, in 16-bit safetensors."""
     gguf: list[GgufQuantization] = Field(default_factory=lambda: ["q8_0"], max_length=6)
-    """GGUF files to build with llama.cpp's converter and quantizer; empty for none."""
+    """GGUF files to build with llama.cpp's converter and quantizer (f16, bf16 and q8_0 written
+    straight from the base and the adapter, the k-quants quantized from an f16 GGUF); empty for none."""
     verify_tokens: int = Field(default=16, ge=0, le=256)
-    """Greedy tokens of the f16 GGUF that must match the merged model's; 0 skips the check."""
+    """Tokens of the merged model's greedy answer to each sample prompt (or to `Hello`) that every
+    GGUF is checked on in llama.cpp before it is stored: the log-probability the GGUF gives each of
+    them must be within a tolerance of the merged model's (0.02 nats for f16, 0.1 for q8_0, 0.5 for
+    q4_k_m; docs/export.md); 0 skips the check."""
     push: HubPush | None = None
     """Optional push to a model hub."""
 

@@ -70,13 +70,14 @@ def _download_model(uri: str, storage: StorageSpec, target: Path, tokenizer_only
 
 
 def local_model_dir(source: str, revision: str | None) -> Path:
-    """The folder holding the base model's files: `source` itself, or the hub cache's snapshot
-    that loading the model has already filled."""
+    """The folder holding the base model's 16-bit files: `source` itself, or the hub cache's
+    snapshot: filled by loading the model, or downloaded now when the 4-bit weights came from the
+    job's weight cache instead."""
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, revision=revision, token=hub_token(), local_files_only=True))
+    return Path(snapshot_download(source, revision=revision, token=hub_token()))
 
 
 def hub_token() -> str | None:
@@ -110,12 +111,13 @@ def _model_field(model: ModelSource) -> str:
     return "spec.model.hub" if model.hub else "spec.model.s3" if model.s3 else "spec.model.path"
 
 
-def load(spec: TrainingSpec, device: Device, source: str) -> tuple[Any, Any]:
-    """(PEFT model ready to train, tokenizer) on `device`."""
+def load(spec: TrainingSpec, device: Device, source: str, **cache: Any) -> tuple[Any, Any]:
+    """(PEFT model ready to train, tokenizer) on `device`; `cache` (store, workdir, stop) turns on
+    the CUDA engine's 4-bit weight cache."""
     if device == "cuda":
         from finetune_trainer.engines import cuda
 
-        return cuda.load(spec, source)
+        return cuda.load(spec, source, **cache)
     from finetune_trainer.engines import cpu
 
     return cpu.load(spec, source)

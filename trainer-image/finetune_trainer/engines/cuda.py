@@ -7,34 +7,75 @@ before anything imports TRL's trainer (train.py imports SFTTrainer lazily, after
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from finetune_trainer import weight_cache
 from finetune_trainer.engines import ensure_pad_token, hub_token
 from finetune_trainer.memory import ModelMemory
 from finetune_trainer.spec import TrainingSpec
 
+if TYPE_CHECKING:
+    from finetune_trainer.storage import ObjectStore
+
 log = logging.getLogger(__name__)
 
 
-def load(spec: TrainingSpec, source: str) -> tuple[Any, Any]:
+def load(
+    spec: TrainingSpec,
+    source: str,
+    *,
+    store: ObjectStore | None = None,
+    workdir: Path | None = None,
+    stop: Any = None,
+) -> tuple[Any, Any]:
+    """(PEFT model, tokenizer). With `store` and `workdir`, the 4-bit base comes from the job's
+    weight cache when a previous pod left it there, and is put there otherwise (weight_cache.py)."""
+    started = time.monotonic()
     from unsloth import FastLanguageModel  # needs a GPU; see the module docstring
 
     from finetune_trainer.engines.cuda_attention import enable_varlen_attention
 
+    log.info("unsloth imported in %.1fs", time.monotonic() - started)
     log.info(enable_varlen_attention())
 
     lora = spec.lora
     # Unsloth's LoftQ quantizes the adapter's base itself and refuses a model already loaded in 4-bit.
     load_in_4bit = spec.model.load_in_4bit and not lora.use_loftq
+    cache_key, cached = None, None
+    if load_in_4bit and store is not None and workdir is not None:
+        cache_key = _weight_cache_key(spec, source)
+        cached = weight_cache.fetch(store, cache_key, workdir / "base-4bit") if cache_key else None
+    started = time.monotonic()
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=source,
+        model_name=str(cached) if cached else source,
         max_seq_length=spec.model.max_seq_length,
         load_in_4bit=load_in_4bit,
         dtype=None,
-        revision=spec.model.revision,
+        revision=None if cached else spec.model.revision,
         trust_remote_code=spec.model.trust_remote_code,
         token=hub_token(),
     )
+    log.info(
+        "base loaded in %.1fs (%s)",
+        time.monotonic() - started,
+        f"4-bit weights from the job's cache {cache_key}"
+        if cached
+        else "quantized on load"
+        if load_in_4bit
+        else "16-bit",
+        extra={
+            "fields": {
+                "event": "base-loaded",
+                "weightCache": "hit" if cached else "miss" if cache_key else None,
+            }
+        },
+    )
+    if cache_key and not cached and store is not None and workdir is not None:
+        publisher = weight_cache.Publisher(store, cache_key, workdir / "base-4bit", stop)
+        publisher.snapshot(model, tokenizer)
+        publisher.start()
     # `auto` loads with Unsloth's offloaded checkpointing armed on every layer; ActivationPlan then
     # turns it off, micro-batch by micro-batch, for the layers whose activations fit.
     checkpointing: str | bool = {"auto": "unsloth", "unsloth": "unsloth", "true": True, "false": False}[
@@ -54,6 +95,25 @@ def load(spec: TrainingSpec, source: str) -> tuple[Any, Any]:
         max_seq_length=spec.model.max_seq_length,
     )
     return model, ensure_pad_token(tokenizer)
+
+
+def _weight_cache_key(spec: TrainingSpec, source: str) -> str | None:
+    """The cache key of this base (weight_cache.cache_key); None when the exact weights cannot be
+    named: a hub model whose commit cannot be looked up."""
+    import torch
+
+    revision = spec.model.revision
+    model_dir = Path(source) if Path(source).is_dir() else None
+    if model_dir is None:
+        try:
+            from huggingface_hub import HfApi
+
+            revision = HfApi().model_info(source, revision=revision, token=hub_token()).sha
+        except Exception as e:
+            log.info("4-bit weight cache off: the hub commit of %s is unknown (%s)", source, type(e).__name__)
+            return None
+    quantization = {"type": "nf4", "double": True, "compute": str(torch.bfloat16)}
+    return weight_cache.cache_key(source, revision, model_dir, quantization)
 
 
 class ActivationPlan:
