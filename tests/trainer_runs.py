@@ -74,9 +74,12 @@ class _Keep(logging.Handler):
         self.records.append(record)
 
 
-def run_in_process(job: Path, tmp: Path, level: int = logging.INFO, **extra_env: str) -> InProcessRun:
-    """`runner.run(job)` on the CPU with `trainer_env(tmp, **extra_env)`, keeping every log record
-    at `level` and up; the environment and log level are put back afterwards."""
+def run_in_process(
+    job: Path, tmp: Path, level: int = logging.INFO, device: str = "cpu", **extra_env: str
+) -> InProcessRun:
+    """`runner.run(job)` on `device` (the CPU unless a GPU test asks for cuda) with
+    `trainer_env(tmp, **extra_env)`, keeping every log record at `level` and up; the environment
+    and log level are put back afterwards."""
     from finetune_trainer import runner
     from finetune_trainer.jobfile import load_job
 
@@ -90,7 +93,7 @@ def run_in_process(job: Path, tmp: Path, level: int = logging.INFO, **extra_env:
             for name, value in trainer_env(tmp, **extra_env).items():
                 env.setenv(name, value)
             env.delenv("AWS_PROFILE", raising=False)
-            code = runner.run(load_job(job), "cpu", json_lines=True)
+            code = runner.run(load_job(job), device, json_lines=True)
     finally:
         root.removeHandler(handler)
         root.setLevel(saved_level)

@@ -1,25 +1,38 @@
-"""(a) Our trainer, end to end: `python -m finetune_trainer run job.yaml` on a generated job.
+"""(a) Our trainer, end to end: `python -m finetune_trainer run job.yaml`, as a pod runs it.
 
-Figures come from the trainer's own JSON log: each progress line carries the step, the cumulative
-real-token count (attention-mask sum, or every token of a padding-free row) and a timestamp; the
-summary file carries peak GPU memory (max_memory_reserved). Time to first step is from starting the
-process to the first step's progress line (preflight, load, patching and one step).
+    python bench_trainer.py MODEL_DIR DATA_DIR OUT_DIR ttm ckpt
 
-    python bench_trainer.py MODEL_DIR DATA_DIR OUT.json medical:2x4:10 alpaca:auto:9 medical:auto:ckpt
+Scenarios:
+- `start`: a short large-step run (6 steps of 32 medical rows, no export): the time to the first
+  step, phase by phase, and the memory of a micro-batch whose activations are all kept.
+- `ttm` (time to model): the seeds' medical recipe (the first 500 medical rows, batchSize 2 x
+  gradientAccumulationSteps 4, 60 steps, the spec's defaults otherwise: microBatches and
+  gradientCheckpointing `auto`, export q8_0 verified on 16 tokens) into a local store folder. From
+  process start: time to the first step, steady-state tokens/s, the export's stages, and time to
+  the q8_0 GGUF in the store (`export: gguf-q8_0 done`, logged once the file is stored).
+- `ckpt` then resume: the same recipe on all 6,000 medical rows against moto's S3 server,
+  checkpoints every 5 steps, SIGTERM once step 11 is logged and the 4-bit weight cache is stored;
+  then a second process on the same storage (a pod that replaces the preempted one) that resumes,
+  loads the cached 4-bit weights and is stopped after its first step. Figures: the stall of a
+  checkpoint step, SIGTERM to the process's exit (the checkpoint confirmed in S3), and resume to
+  the first step.
 
-A configuration is data:BATCH:steps; BATCH is RxA (rows x accumulation) or `auto`; `ckpt` as steps
-runs the checkpoint-cost scenario against a local S3 server (moto) with the automatic config.
-BENCH_DEVICE=cpu checks the harness itself on a CPU (with prepare.py's `tiny` shape).
+Each process gets fresh compile caches (Triton, Unsloth), as a new pod has. Figures come from the
+trainer's JSON log (timestamps of its lines) and its summary; OUT_DIR gets ttm.json and ckpt.json.
+BENCH_DEVICE=cpu checks the harness itself on a CPU (prepare.py's `tiny` shape).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -37,20 +50,18 @@ CHECKPOINT_EVERY = 5
 SIGTERM_AFTER_STEP = 11
 
 
-def job_spec(model: Path, data: Path, batch: str, steps: int, storage: dict[str, Any]) -> dict[str, Any]:
-    rows, accumulation = ("auto", 4) if batch == "auto" else (int(x) for x in batch.split("x"))
-    return {
+def job_spec(model: Path, data: Path, storage: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
         "model": {"path": str(model), "maxSeqLength": 2048},
         "data": {"path": str(data)},
         "template": {"type": "custom", "format": "{text}"},
-        "training": {"batchSize": rows, "gradientAccumulationSteps": accumulation, "maxSteps": steps},
-        "checkpoint": {
-            "everySteps": CHECKPOINT_EVERY if storage.get("uri", "").startswith("s3") else 10000,
-            "everyMinutes": 1440,
-        },
-        "export": {"gguf": [], "verifyTokens": 0},
+        "training": {"batchSize": 2, "gradientAccumulationSteps": 4, "maxSteps": 60},
+        "checkpoint": {"everySteps": 0, "everyMinutes": 1440},
         "storage": storage,
     }
+    for section, values in overrides.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    return spec
 
 
 def stamp(line: dict[str, Any]) -> float:
@@ -58,11 +69,18 @@ def stamp(line: dict[str, Any]) -> float:
 
 
 def run_trainer(
-    job: Path, workdir: Path, env: dict[str, str], on_progress: Any = None
+    job: Path, workdir: Path, env: dict[str, str], on_line: Any = None
 ) -> tuple[float, list[dict[str, Any]], dict[str, Any], int]:
-    """(wall start, JSON log lines, summary, exit code); `on_progress(line, process)` sees progress lines."""
+    """(wall start, JSON log lines, summary, exit code); `on_line(line, process)` sees every line."""
     summary = workdir / "summary.json"
-    env = {**env, "FINETUNE_WORKDIR": str(workdir / "work"), "FINETUNE_SUMMARY_PATH": str(summary)}
+    caches = Path(tempfile.mkdtemp(prefix="caches-", dir=workdir))
+    env = {
+        **env,
+        "FINETUNE_WORKDIR": str(workdir / "work"),
+        "FINETUNE_SUMMARY_PATH": str(summary),
+        "TRITON_CACHE_DIR": str(caches / "triton"),
+        "UNSLOTH_COMPILE_LOCATION": str(caches / "unsloth"),
+    }
     started = time.time()
     device = os.environ.get("BENCH_DEVICE", "cuda")
     proc = subprocess.Popen(
@@ -84,79 +102,130 @@ def run_trainer(
         cwd=workdir,
     )
     lines: list[dict[str, Any]] = []
-    log = (workdir / "trainer.log").open("w")
     assert proc.stderr is not None
-    for raw in proc.stderr:
-        log.write(raw)
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        lines.append(line)
-        if on_progress is not None and line.get("event") == "progress":
-            on_progress(line, proc)
+    with (workdir / "trainer.log").open("w") as log:
+        for raw in proc.stderr:
+            log.write(raw)
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            line["t"] = stamp(line)
+            lines.append(line)
+            if on_line is not None:
+                on_line(line, proc)
     code = proc.wait()
-    log.close()
     return started, lines, json.loads(summary.read_text()) if summary.is_file() else {}, code
 
 
-def measure(
-    shape: dict[str, Any],
-    data: str,
-    *,
-    started: float,
-    lines: list[dict[str, Any]],
-    summary: dict[str, Any],
-    stalled: frozenset[int] = frozenset(),
-) -> common.Result:
-    """Steady-state figures from the log; steps in `stalled` (their interval holds a checkpoint save)
-    are left out of the tokens/s window and reported as the checkpoint stall instead."""
-    progress = [x for x in lines if x.get("event") == "progress"]
-    if len(progress) <= common.WARMUP_STEPS + 1:
-        tail = [x.get("msg") for x in lines[-5:]]
-        raise RuntimeError(f"trainer logged {len(progress)} steps; last lines: {tail}")
-    times = [stamp(x) for x in progress]
-    totals = [int(x["tokens"]) for x in progress]
+def first(lines: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
+    return next((x for x in lines if x.get("msg", "").startswith(prefix)), None)
+
+
+def progress_of(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [x for x in lines if x.get("event") == "progress"]
+
+
+def steady(progress: list[dict[str, Any]], skip: frozenset[int] = frozenset()) -> tuple[float, float, float]:
+    """(tokens/s, tokens per step, seconds per step) over the steps after the warm-up, leaving out
+    the step intervals in `skip` (those that hold a checkpoint save)."""
     kept = [
-        (times[i] - times[i - 1], totals[i] - totals[i - 1])
-        for i in range(common.WARMUP_STEPS, len(progress))
-        if progress[i]["step"] not in stalled
+        (b["t"] - a["t"], b["tokens"] - a["tokens"])
+        for a, b in itertools.pairwise(progress)
+        if b["step"] > common.WARMUP_STEPS and b["step"] not in skip
     ]
     seconds = sum(k[0] for k in kept) / len(kept)
     tokens = sum(k[1] for k in kept) / len(kept)
-    tps = tokens / seconds
-    training = next((x["msg"] for x in lines if x.get("msg", "").startswith("training: ")), "")
-    attention = next((x["msg"] for x in lines if x.get("msg", "").startswith("varlen attention")), "")
-    words = (
-        training.split("batch ", 1)[1].split() if "batch " in training else ["0", "x", "accumulation", "0"]
-    )
-    rows, accumulation = int(words[0]), int(words[3])
-    return common.Result(
-        engine="ours",
-        shape=shape["shape"],
-        data=data,
-        batch=rows,
-        accumulation=accumulation,
-        attention="varlen" if "FlashAttention" in attention else "plain",
-        steps=len(progress),
-        tokens_per_second=round(tps, 1),
-        mfu_pct=common.mfu_pct(shape["params"], tps),
-        peak_reserved_gib=float(summary.get("peakGpuMemoryGiB") or progress[-1].get("gpuMemoryGiB") or 0),
-        peak_allocated_gib=None,
-        tokens_per_step=round(tokens),
-        seconds_per_step=round(seconds, 3),
-        time_to_first_step_s=round(times[0] - started, 1),
-        losses=[round(float(x["loss"]), 4) for x in progress],
-        note=training,
-    )
+    return tokens / seconds, tokens, seconds
 
 
-def checkpoint_cost(
-    shape: dict[str, Any], model: Path, data_dir: Path, data: str, *, root: Path, env: dict[str, str]
-) -> tuple[dict[str, Any], common.Result]:
-    """Step stall of background checkpoints and SIGTERM-to-last-byte against moto's S3 server, on a
-    run with the automatic config: checkpoints every CHECKPOINT_EVERY steps, SIGTERM once step
-    SIGTERM_AFTER_STEP is logged. The same run's other steps give its steady-state tokens/s."""
+def phases(started: float, lines: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Seconds from process start to each milestone the trainer logs."""
+    marks = {
+        "preflight": "preflight ok",
+        "unsloth_imported": "unsloth imported",
+        "base_loaded": "base loaded",
+        "model_loaded": "model loaded",
+        "first_step": None,
+    }
+    out: dict[str, float | None] = {}
+    for name, prefix in marks.items():
+        line = progress_of(lines)[0] if prefix is None and progress_of(lines) else first(lines, prefix or "")
+        out[name] = round(line["t"] - started, 1) if line else None
+    return out
+
+
+def ttm(model: Path, data_dir: Path, root: Path, env: dict[str, str]) -> dict[str, Any]:
+    workdir = root / "ttm"
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = (data_dir / "medical.jsonl").read_text().splitlines()[:500]
+    (workdir / "medical500.jsonl").write_text("\n".join(rows) + "\n")
+    job = workdir / "job.yaml"
+    spec = job_spec(model, workdir / "medical500.jsonl", {"uri": str(workdir / "store")})
+    job.write_text(yaml.safe_dump(spec))
+    started, lines, summary, code = run_trainer(job, workdir, env)
+    progress = progress_of(lines)
+    if code != 0 or not progress:
+        raise RuntimeError(f"ttm: trainer exited {code}; {[x.get('msg') for x in lines[-5:]]}")
+    tps, per_step, seconds = steady(progress)
+    done = first(lines, "export: gguf-q8_0 done")
+    state_file = workdir / "store" / "export" / "state.json"
+    stages = json.loads(state_file.read_text())["stages"] if state_file.is_file() else {}
+    shutil.rmtree(workdir / "store", ignore_errors=True)  # two 8.5 GB GGUFs: the disk is 64 GB
+    shutil.rmtree(workdir / "work", ignore_errors=True)
+    return {
+        "exit_code": code,
+        "steps": len(progress),
+        "tokens_per_second": round(tps, 1),
+        "tokens_per_step": round(per_step),
+        "seconds_per_step": round(seconds, 3),
+        "mfu_pct": common.mfu_pct(json.loads((model / "bench-params.json").read_text())["params"], tps),
+        "losses": [round(float(x["loss"]), 5) for x in progress],
+        "phases_s": phases(started, lines),
+        "time_to_first_step_s": round(progress[0]["t"] - started, 1),
+        "train_end_s": round(progress[-1]["t"] - started, 1),
+        "export_stage_s": {k: round(v.get("seconds", 0.0), 1) for k, v in stages.items()},
+        "export_default_s": round(done["t"] - progress[-1]["t"], 1) if done else None,
+        "export_check": {k: v.get("maxLogProbDelta") for k, v in stages.items() if "maxLogProbDelta" in v},
+        "time_to_model_s": round(done["t"] - started, 1) if done else None,
+        "exited_s": round(time.time() - started, 1),
+        "plan": first(lines, "step split") and first(lines, "step split")["msg"],
+        "activations": first(lines, "activations") and first(lines, "activations")["msg"],
+        "peak_gpu_gib": summary.get("peakGpuMemoryGiB"),
+        "artifacts": {a["name"]: a["sizeBytes"] for a in summary.get("artifacts", [])},
+    }
+
+
+def start(model: Path, data_dir: Path, root: Path, env: dict[str, str]) -> dict[str, Any]:
+    """A short large-step run (medical, batchSize 32, 6 steps, no export): where the time to the
+    first step goes, and the memory of a micro-batch whose activations are all kept."""
+    workdir = root / "start"
+    workdir.mkdir(parents=True, exist_ok=True)
+    job = workdir / "job.yaml"
+    spec = job_spec(
+        model,
+        data_dir / "medical.jsonl",
+        {"uri": str(workdir / "store")},
+        training={"batchSize": 32, "gradientAccumulationSteps": 1, "maxSteps": 6},
+        export={"gguf": []},
+    )
+    job.write_text(yaml.safe_dump(spec))
+    started, lines, summary, code = run_trainer(job, workdir, env)
+    progress = progress_of(lines)
+    return {
+        "exit_code": code,
+        "phases_s": phases(started, lines),
+        "step_s": [round(b["t"] - a["t"], 2) for a, b in itertools.pairwise(progress)],
+        "tokens_per_step": [b["tokens"] - a["tokens"] for a, b in itertools.pairwise(progress)],
+        "activations": first(lines, "activations") and first(lines, "activations")["msg"],
+        "peak_gpu_gib": summary.get("peakGpuMemoryGiB"),
+        "layers_kept": summary.get("activationLayersKept"),
+        "last_lines": [x.get("msg") for x in lines[-3:]] if code else None,
+    }
+
+
+def ckpt(model: Path, data_dir: Path, root: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Checkpoint stall and SIGTERM to S3 on one run, then resume to the first step on a second."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -172,92 +241,95 @@ def checkpoint_cost(
     endpoint = f"http://{host}:{port}"
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket="bench")
+    storage = {"uri": "s3://bench/run", "endpoint": endpoint, "region": "us-east-1"}
+    spec = job_spec(
+        model,
+        data_dir / "medical.jsonl",
+        storage,
+        training={"maxSteps": 1000},
+        checkpoint={"everySteps": CHECKPOINT_EVERY},
+        export={"gguf": []},
+    )
+    signalled: dict[str, float] = {}
+    cache_stored: dict[str, float] = {}
+
+    def stop_when_ready(line: dict[str, Any], proc: subprocess.Popen[str]) -> None:
+        if line.get("msg", "").startswith("4-bit weight cache: stored"):
+            cache_stored["t"] = line["t"]
+        step = line.get("step") if line.get("event") == "progress" else None
+        # SIGTERM after step 11, once the weight cache is stored (the resumed pod is to find it)
+        if (
+            step
+            and step >= SIGTERM_AFTER_STEP
+            and "t" not in signalled
+            and ("t" in cache_stored or step >= 200 or os.environ.get("BENCH_DEVICE") == "cpu")
+        ):
+            signalled["t"], signalled["step"] = time.time(), step
+            proc.send_signal(signal.SIGTERM)
+
     workdir = root / "ckpt"
     workdir.mkdir(parents=True, exist_ok=True)
     job = workdir / "job.yaml"
-    storage = {"uri": "s3://bench/run", "endpoint": endpoint, "region": "us-east-1"}
-    job.write_text(yaml.safe_dump(job_spec(model, data_dir / f"{data}.jsonl", "auto", 1000, storage)))
-    signal_at: dict[str, float] = {}
-
-    def on_progress(line: dict[str, Any], proc: subprocess.Popen[str]) -> None:
-        if line["step"] == SIGTERM_AFTER_STEP and "time" not in signal_at:
-            signal_at["time"] = time.time()
-            proc.send_signal(signal.SIGTERM)
-
-    started, lines, summary, code = run_trainer(job, workdir, {**env, **creds}, on_progress)
+    job.write_text(yaml.safe_dump(spec))
+    started, lines, summary, code = run_trainer(job, workdir, {**env, **creds}, stop_when_ready)
     exited = time.time()
-    manifests: dict[int, float] = {}
-    for obj in s3.list_objects_v2(Bucket="bench", Prefix="run/checkpoints/").get("Contents", []):
-        key = obj["Key"]
-        if key.endswith("/manifest.json"):
-            manifests[int(key.split("step-")[1].split("/")[0])] = obj["LastModified"].timestamp()
-    progress = [x for x in lines if x.get("event") == "progress"]
-    times = {x["step"]: stamp(x) for x in progress}
+    progress = progress_of(lines)
+    times = {x["step"]: x["t"] for x in progress}
     intervals = {s: times[s] - times[s - 1] for s in times if s - 1 in times}
     # The save after step s runs before step s+1 starts, so it lands in the interval ending at s+1.
-    stalled = {s + 1 for s in range(CHECKPOINT_EVERY, SIGTERM_AFTER_STEP, CHECKPOINT_EVERY)}
+    saved = [s for s in range(CHECKPOINT_EVERY, signalled.get("step", 0), CHECKPOINT_EVERY)]
+    stalled = frozenset(s + 1 for s in saved)
     plain = [v for s, v in intervals.items() if s not in stalled and s > common.WARMUP_STEPS]
     base = statistics.median(plain) if plain else float("nan")
     stalls = [round(intervals[s] - base, 2) for s in sorted(stalled) if s in intervals]
-    last_step = max(manifests) if manifests else None
-    sizes = (
-        s3.list_objects_v2(Bucket="bench", Prefix=f"run/checkpoints/step-{last_step:08d}/")
-        if last_step
-        else {}
-    )
+
+    def stop_after_first(line: dict[str, Any], proc: subprocess.Popen[str]) -> None:
+        if line.get("event") == "progress" and "t" not in resumed_stop:
+            resumed_stop["t"] = time.time()
+            proc.send_signal(signal.SIGTERM)
+
+    resumed_stop: dict[str, float] = {}
+    workdir2 = root / "resume"
+    workdir2.mkdir(parents=True, exist_ok=True)
+    started2, lines2, _summary2, code2 = run_trainer(job, workdir2, {**env, **creds}, stop_after_first)
+    progress2 = progress_of(lines2)
+    resume = first(lines2, "resuming from")
+    base_line = first(lines2, "base loaded")
     server.stop()
-    result = measure(shape, data, started=started, lines=lines, summary=summary, stalled=frozenset(stalled))
-    left_out = f"checkpoints every {CHECKPOINT_EVERY} steps (their steps left out)"
-    result.note += f"; {left_out}, SIGTERM after step {SIGTERM_AFTER_STEP}"
+    tps, _per_step, seconds = steady(progress, stalled)
     return {
         "exit_code": code,
-        "checkpoint_steps": sorted(manifests),
-        "checkpoint_bytes": sum(o["Size"] for o in sizes.get("Contents", [])) if sizes else None,
+        "signalled_after_step": signalled.get("step"),
+        "cache_stored_s": round(cache_stored["t"] - started, 1) if cache_stored else None,
+        "checkpoint_steps": saved,
         "median_step_s": round(base, 3),
         "stall_s": stalls,
         "checkpoint_stall_s": max(stalls) if stalls else None,
-        # S3 LastModified has one-second resolution on moto: the process exit (after the upload was
-        # confirmed) bounds it from above and is what is reported.
-        "sigterm_to_manifest_s": round(manifests[last_step] - signal_at["time"], 2) if last_step else None,
-        "sigterm_to_exit_s": round(exited - signal_at["time"], 2) if signal_at else None,
-        "summary": {k: summary.get(k) for k in ("exitReason", "checkpointStep", "checkpointUri", "steps")},
-    }, result
+        "sigterm_to_s3_s": round(exited - signalled["t"], 2) if signalled else None,
+        "checkpoint_step": summary.get("checkpointStep"),
+        "tokens_per_second": round(tps, 1),
+        "seconds_per_step": round(seconds, 3),
+        "resume_exit_code": code2,
+        "resumed_from": resume["msg"] if resume else None,
+        "resume_weight_cache": base_line.get("weightCache") if base_line else None,
+        "resume_phases_s": phases(started2, lines2),
+        "resume_to_first_step_s": round(progress2[0]["t"] - started2, 1) if progress2 else None,
+        "resume_first_step": progress2[0]["step"] if progress2 else None,
+    }
 
 
 def main() -> None:
     model, data_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    shape = json.loads((model / "bench-params.json").read_text())
-    root = Path("/tmp/bench-trainer") / shape["shape"]
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "trainer-image"), os.environ.get("PYTHONPATH", "")]),
     }
-    results: list[common.Result] = []
-    for index, spec in enumerate(sys.argv[4:]):
-        data, batch, steps = spec.split(":")
-        if steps == "ckpt":
-            cost, result = checkpoint_cost(shape, model, data_dir, data, root=root, env=env)
-            print(json.dumps(cost), flush=True)
-            (out.parent / f"checkpoint-{shape['shape']}.json").write_text(json.dumps(cost, indent=1))
-            print(json.dumps(result.as_dict()), flush=True)
-            common.append_results(out, [result])
-            continue
-        workdir = root / f"{index}-{data}-{batch}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        job = workdir / "job.yaml"
-        storage = {"uri": str(workdir / "store")}
-        job.write_text(
-            yaml.safe_dump(job_spec(model, data_dir / f"{data}.jsonl", batch, int(steps), storage))
-        )
-        started, lines, summary, code = run_trainer(job, workdir, env)
-        if code != 0:
-            print(f"trainer exited {code}; log in {workdir / 'trainer.log'}", flush=True)
-            print((workdir / "trainer.log").read_text()[-3000:], flush=True)
-            continue
-        result = measure(shape, data, started=started, lines=lines, summary=summary)
-        results.append(result)
-        print(json.dumps(result.as_dict()), flush=True)
-        common.append_results(out, [result])
+    for scenario in sys.argv[4:]:
+        figures = {"start": start, "ttm": ttm, "ckpt": ckpt}[scenario](model, data_dir, root, env)
+        (out / f"{scenario}.json").write_text(json.dumps(figures, indent=1))
+        print(json.dumps({k: v for k, v in figures.items() if k != "losses"}), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ time to first step includes loading; peak memory is reset between configurations
 
     python bench_unsloth.py MODEL_DIR DATA_DIR OUT.json medical:2x4:plain:12 alpaca:auto:varlen:10 ...
 
-A configuration is data:BATCH:attention:steps; BATCH is RxA (rows x accumulation), `auto` (the
-trainer's automatic plan) or tokN (N real tokens per micro-batch, accumulation 1);
+A configuration is data:BATCH:attention:steps; BATCH is RxA (rows x accumulation);
 attention is `plain` (Unsloth as installed) or `varlen` (engines/cuda_attention.py on); steps with a
 `p` suffix (`8p`) run two more steps under torch.profiler (not in the figures) and write its table
 to $BENCH_PROFILE_DIR.
@@ -28,19 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "trainer-image"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import prepare  # noqa: E402
 
 
-def micro_batch(spec: str, data: str, config: dict[str, Any], free_gib: float) -> tuple[int, int]:
-    from finetune_trainer import autobatch
-
-    lengths = prepare.row_lengths(data)
-    if spec == "auto":
-        plan = autobatch.plan_batch(4, lengths, "cuda", free_gib, config)
-        return plan.batch_size, plan.gradient_accumulation_steps
-    if spec.startswith("tok"):
-        plan = autobatch.plan_batch(4, lengths, "cuda", free_gib, config, token_budget=int(spec[3:]))
-        return plan.batch_size, 1
+def micro_batch(spec: str) -> tuple[int, int]:
     rows, accumulation = spec.split("x")
     return int(rows), int(accumulation)
 
@@ -49,10 +38,8 @@ def main() -> None:
     model_dir, data_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     configs = sys.argv[4:]
     profile_dir = Path(os.environ.get("BENCH_PROFILE_DIR", "/tmp"))
-    import torch
-
-    free_gib = torch.cuda.mem_get_info()[0] / 2**30
     from unsloth import FastLanguageModel  # noqa: I001  (Unsloth first: it patches TRL)
+    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -90,9 +77,7 @@ def main() -> None:
         data, batch_spec, attention, steps = spec.split(":")
         profile = steps.endswith("p")
         steps = steps.removesuffix("p")
-        rows, accumulation = micro_batch(
-            batch_spec, data, json.loads((model_dir / "config.json").read_text()), free_gib
-        )
+        rows, accumulation = micro_batch(batch_spec)
         note = cuda_attention.enable_varlen_attention() if attention == "varlen" else ""
         if attention != "varlen":
             cuda_attention.disable_varlen_attention()

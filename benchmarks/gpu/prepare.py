@@ -1,13 +1,15 @@
 """Random-initialised models of real shapes and rows of real lengths, made on the GPU machine.
 
 The machine has no network, so nothing comes from the hub. Speed and memory do not depend on
-weight values, so random weights give honest figures. The tokenizer is a word-level one whose
-vocabulary is `w0 w1 ...`: a row of n words is exactly n tokens, which lets the data files be
-ordinary text that the trainer renders and tokenizes itself, with token lengths drawn from the
-seed workloads' distributions.
+weight values, so random weights give honest figures. The tokenizer is the tests' SentencePiece one
+(tests/trainer_fixtures.build_tokenizer: 512 pieces, `tokenizer.model` beside the weights, the form
+llama.cpp's converter reads, so the trainer's export runs on these models too); the model keeps the
+real vocabulary size (128,256 rows of embeddings and output head), which is what costs. Data rows
+are words of one piece each, so a row of n - 2 words is exactly n tokens with BOS and EOS, with
+lengths that follow the seed workloads' distributions.
 
     python prepare.py model llama-8b /tmp/models/llama-8b
-    python prepare.py data medical /tmp/data/medical.jsonl
+    python prepare.py data medical /tmp/data/medical.jsonl /tmp/models/llama-8b
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 ROPE_LLAMA3 = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 SHAPES: dict[str, dict[str, Any]] = {
@@ -41,8 +46,9 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
         rope_scaling={**ROPE_LLAMA3, "factor": 32.0, "original_max_position_embeddings": 8192},
     ),
-    # A CPU-sized model for checking the harness itself (bench_trainer.py with BENCH_DEVICE=cpu).
+    # A CPU-sized model for checking the harnesses themselves (BENCH_DEVICE=cpu).
     "tiny": dict(
+        vocab_size=512,
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=2,
@@ -52,7 +58,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 VOCAB = 128256
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 DISTRIBUTIONS = {"medical": (700, 0.35), "alpaca": (140, 0.6)}
 """name -> (median tokens, lognormal sigma), from the seed workloads (issue 11)."""
@@ -70,34 +75,38 @@ def row_lengths(name: str, rows: int = ROWS, seed: int = 7) -> list[int]:
     ]
 
 
-def write_data(name: str, path: Path) -> None:
-    """JSON lines with a `text` column; BOS and EOS are added by the tokenizer and the template."""
+def one_piece_words(tokenizer: Any) -> list[str]:
+    """Words the tokenizer encodes as exactly one token (pieces that start a word)."""
+    words = []
+    for piece in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
+        word = piece.removeprefix("\u2581")
+        if piece.startswith("\u2581") and word.isalpha():
+            ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                words.append(word)
+    return words
+
+
+def write_data(name: str, path: Path, model_dir: Path) -> None:
+    """JSON lines with a `text` column of n - 2 one-piece words: BOS and EOS make n tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocabulary = one_piece_words(tokenizer)
     rng = random.Random(11)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
-        for n in row_lengths(name):
-            words = " ".join(f"w{rng.randrange(VOCAB - len(SPECIALS))}" for _ in range(n - 2))
-            f.write(json.dumps({"text": words}) + "\n")
+        for i, n in enumerate(row_lengths(name)):
+            text = " ".join(rng.choice(vocabulary) for _ in range(n - 2))
+            if i < 50:  # the premise of every figure: n - 1 tokens with BOS, n with the EOS
+                assert len(tokenizer(text)["input_ids"]) == n - 1, (n, text[:80])
+            f.write(json.dumps({"text": text}) + "\n")
 
 
 def write_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from trainer_fixtures import build_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    vocab.update({f"w{i}": i + len(SPECIALS) for i in range(VOCAB - len(SPECIALS))})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        model_max_length=131072,
-    )
-    fast.save_pretrained(folder)
+    build_tokenizer(folder, vocab_size=512)
 
 
 def create_model(shape: str) -> Any:
@@ -106,15 +115,13 @@ def create_model(shape: str) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
+        **{"vocab_size": VOCAB, **SHAPES[shape]},
         max_position_embeddings=131072,
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
-        pad_token_id=3,
         torch_dtype="bfloat16",
-        **SHAPES[shape],
     )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -136,11 +143,12 @@ def main() -> None:
     p.add_argument("what", choices=["model", "data"])
     p.add_argument("name")
     p.add_argument("dest", type=Path)
+    p.add_argument("model", type=Path, nargs="?", help="for data: the model whose tokenizer counts")
     a = p.parse_args()
     if a.what == "model":
         write_model(a.name, a.dest)
     else:
-        write_data(a.name, a.dest)
+        write_data(a.name, a.dest, a.model)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Merge the benchmark's result files into results.json, results.md, plot.png and latest.json.
+"""Merge the benchmark's result files into latest.json, results.json, results.md and plot.png.
 
     python report.py RESULTS_DIR OUT_DIR
 
-RESULTS_DIR holds what the stages wrote (env.json, validate.json, 8b.json, varlen-check.json,
-checkpoint-*.json, export-*.json, profile-*.txt); it runs on the GPU machine at the end of every
-stage, and here on fetched files to rebuild the report.
+RESULTS_DIR holds what the stages wrote: env.json, tutorial.json (bare Unsloth, the tutorial's
+code path), ours.json (our trainer's executions, bench_ours.py), ttm.json and ckpt.json (our
+trainer's CLI, bench_trainer.py), pytest-gpu.txt, profile-*.txt. It runs on the GPU machine at the
+end of every stage, and here on fetched files to rebuild the report.
 """
 
 from __future__ import annotations
@@ -16,99 +17,146 @@ from pathlib import Path
 from typing import Any
 
 HEADLINE_SHAPE = "llama-8b"
+LARGE_STEP_ROWS = 32
+"""Rows per optimizer step from which a step counts as large (the issue's batchSize 32 or more)."""
 
 
-def find(results: list[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
-    """The last result matching every field in `want` (`batch=None` skips the field)."""
-    hits = [r for r in results if all(v is None or r.get(k) == v for k, v in want.items())]
+def load(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def ours(rows: list[dict[str, Any]], data: str, split: str, batch: str = "2x4") -> dict[str, Any] | None:
+    hits = [
+        r
+        for r in rows
+        if r["shape"] == HEADLINE_SHAPE
+        and r["data"] == data
+        and r.get("micro_batches") == split
+        and r.get("spec_batch") == batch
+        and r.get("gradient_checkpointing", "auto") == "auto"
+    ]
     return hits[-1] if hits else None
 
 
-def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
-    if not a or not b or not b.get(key):
+def loss_diff(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    if not a or not b:
         return None
-    return round(a[key] / b[key], 3)
+    n = min(len(a["losses"]), len(b["losses"]))
+    return round(max(abs(x - y) for x, y in zip(a["losses"][:n], b["losses"][:n], strict=True)), 6)
 
 
-def headline(
-    results: list[dict[str, Any]], env: dict[str, Any], checkpoint: dict[str, Any]
-) -> dict[str, Any]:
-    r = [x for x in results if x["shape"] == HEADLINE_SHAPE]
-    ours_seed = find(r, engine="ours", data="medical", batch=2, accumulation=4)
-    uns_seed = find(r, engine="unsloth", data="medical", batch=2, accumulation=4, attention="plain")
-    uns_seed_alpaca = find(r, engine="unsloth", data="alpaca", batch=2, accumulation=4, attention="plain")
-    hf_seed = find(r, engine="hf", data="medical", batch=2, accumulation=4)
-    auto_medical = next(
-        (x for x in r if x["engine"] == "ours" and x["data"] == "medical" and x["batch"] > 2), None
-    )
-    auto_alpaca = next(
-        (x for x in r if x["engine"] == "ours" and x["data"] == "alpaca" and x["batch"] > 2), None
-    )
+def large_step(rows: list[dict[str, Any]], data: str) -> dict[str, Any] | None:
+    hits = [
+        r
+        for r in rows
+        if r["shape"] == HEADLINE_SHAPE
+        and r["data"] == data
+        and r["batch"] * r["accumulation"] >= LARGE_STEP_ROWS
+        and r.get("gradient_checkpointing", "auto") == "auto"
+    ]
+    return max(hits, key=lambda r: r["mfu_pct"]) if hits else None
+
+
+def headline(src: Path) -> dict[str, Any]:
+    env = load(src / "env.json", {})
+    tutorial = {r["data"]: r for r in load(src / "tutorial.json", [])}
+    rows = load(src / "ours.json", [])
+    ttm, ckpt = load(src / "ttm.json", {}), load(src / "ckpt.json", {})
+    auto = {d: ours(rows, d, "auto") for d in ("medical", "alpaca")}
+    literal = {d: ours(rows, d, "literal") for d in ("medical", "alpaca")}
+    diffs = [loss_diff(auto[d], literal[d]) for d in ("medical", "alpaca")]
+    large = {d: large_step(rows, d) for d in ("medical", "alpaca")}
+
+    def figure(row: dict[str, Any] | None, key: str) -> Any:
+        return row.get(key) if row else None
+
     return {
-        "ours_vs_unsloth_tokens_ratio": ratio(ours_seed, uns_seed, "tokens_per_second"),
-        "ours_vs_unsloth_memory_ratio": ratio(ours_seed, uns_seed, "peak_reserved_gib"),
-        "ours_vs_hf_tokens_ratio": ratio(ours_seed, hf_seed, "tokens_per_second"),
-        "ours_vs_hf_memory_ratio": ratio(ours_seed, hf_seed, "peak_reserved_gib"),
-        "auto_vs_seed_tokens_ratio_medical": ratio(auto_medical, uns_seed, "tokens_per_second"),
-        "auto_vs_seed_tokens_ratio_alpaca": ratio(auto_alpaca, uns_seed_alpaca, "tokens_per_second"),
-        "mfu_pct_medical": auto_medical["mfu_pct"] if auto_medical else None,
-        "mfu_pct_alpaca": auto_alpaca["mfu_pct"] if auto_alpaca else None,
-        "checkpoint_stall_s": checkpoint.get("checkpoint_stall_s"),
-        "sigterm_to_s3_s": checkpoint.get("sigterm_to_exit_s"),
+        "recipe_tok_s_medical": figure(auto["medical"], "tokens_per_second"),
+        "recipe_tok_s_alpaca": figure(auto["alpaca"], "tokens_per_second"),
+        "seed_config_tok_s_medical": figure(tutorial.get("medical"), "tokens_per_second"),
+        "seed_config_tok_s_alpaca": figure(tutorial.get("alpaca"), "tokens_per_second"),
+        "recipe_loss_max_abs_diff": max((d for d in diffs if d is not None), default=None),
+        "recipe_loss_max_abs_diff_medical": diffs[0],
+        "recipe_loss_max_abs_diff_alpaca": diffs[1],
+        "time_to_first_step_s": ttm.get("time_to_first_step_s"),
+        "resume_to_first_step_s": ckpt.get("resume_to_first_step_s"),
+        "export_default_s": ttm.get("export_default_s"),
+        "time_to_model_s": ttm.get("time_to_model_s"),
+        "time_to_model_unsloth_s": figure(tutorial.get("medical"), "time_to_model_s"),
+        "large_step_mfu_pct_medical": figure(large["medical"], "mfu_pct"),
+        "large_step_mfu_pct_alpaca": figure(large["alpaca"], "mfu_pct"),
+        "large_step_config_medical": figure(large["medical"], "note"),
+        "large_step_config_alpaca": figure(large["alpaca"], "note"),
+        "checkpoint_stall_s": ckpt.get("checkpoint_stall_s"),
+        "sigterm_to_s3_s": ckpt.get("sigterm_to_s3_s"),
         "gpu": env.get("gpu"),
         "versions": env.get("versions"),
     }
 
 
-def markdown(results: list[dict[str, Any]], head: dict[str, Any], extra: dict[str, Any]) -> str:
+def markdown(rows: list[dict[str, Any]], head: dict[str, Any], extra: dict[str, Any]) -> str:
     lines = [
-        "| shape | engine | data | batch x accum | attention | real tok/s | MFU % | peak GiB (reserved) "
-        "| tokens/step | s/step | time to 1st step s |",
+        "| engine | data | spec | executed | checkpointing | real tok/s | MFU % | peak GiB (reserved) "
+        "| tokens/step | s/step | layers kept |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for x in results:
-        ttfs = x["time_to_first_step_s"]
+    for x in rows:
         lines.append(
-            f"| {x['shape']} | {x['engine']} | {x['data']} | {x['batch']} x {x['accumulation']} "
-            f"| {x['attention']} "
+            f"| {x['engine']} | {x['data']} | {x.get('spec_batch', '2x4')} {x.get('micro_batches', '')} "
+            f"| {x['batch']} x {x['accumulation']} | {x.get('gradient_checkpointing', 'unsloth')} "
             f"| {x['tokens_per_second']:,.0f} | {x['mfu_pct']:.1f} | {x['peak_reserved_gib']:.2f} "
-            f"| {x['tokens_per_step']:,.0f} | {x['seconds_per_step']:.2f} | {'' if ttfs is None else ttfs} |"
+            f"| {x['tokens_per_step']:,.0f} | {x['seconds_per_step']:.3f} | {x.get('layers_kept', '')} |"
         )
     lines += ["", "| headline (8B shape) | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in head.items() if k not in ("versions",)]
+    lines += [f"| {k} | {v} |" for k, v in head.items() if k != "versions"]
     for name, value in extra.items():
         lines += ["", f"{name}:", "", "```", json.dumps(value, indent=1), "```"]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], head: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = sorted({x["shape"] for x in results}, reverse=True)
-    fig, axes = plt.subplots(len(shapes), 1, figsize=(11, 4.2 * len(shapes)), squeeze=False)
-    for ax, shape in zip(axes[:, 0], shapes, strict=True):
-        rows = [x for x in results if x["shape"] == shape]
-        labels = [
-            f"{x['engine']}\n{x['data']} {x['batch']}x{x['accumulation']}\n{x['attention']}" for x in rows
-        ]
-        colors = {"ours": "#2ca02c", "unsloth": "#ff7f0e", "hf": "#7f7f7f"}
-        bars = ax.bar(
-            range(len(rows)), [x["mfu_pct"] for x in rows], color=[colors[x["engine"]] for x in rows]
+    fig, (speed, clock) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    shown = [r for r in rows if r["shape"] == HEADLINE_SHAPE]
+    labels = [
+        f"{r['engine']}\n{r['data']} {r.get('spec_batch', '2x4')}\n-> {r['batch']}x{r['accumulation']}"
+        f"{' ' + r['gradient_checkpointing'] if r.get('gradient_checkpointing', 'auto') != 'auto' else ''}"
+        for r in shown
+    ]
+    colors = {"ours": "#2ca02c", "unsloth-tutorial": "#ff7f0e"}
+    bars = speed.bar(
+        range(len(shown)),
+        [r["mfu_pct"] for r in shown],
+        color=[colors.get(r["engine"], "#7f7f7f") for r in shown],
+    )
+    for bar, r in zip(bars, shown, strict=True):
+        speed.annotate(
+            f"{r['tokens_per_second']:,.0f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
         )
-        for bar, x in zip(bars, rows, strict=True):
-            ax.annotate(
-                f"{x['tokens_per_second']:,.0f}",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=7,
-            )
-        ax.set_xticks(range(len(rows)), labels, fontsize=6)
-        ax.set_ylabel("MFU % (6N x real tok/s / 989 TFLOP/s)")
-        ax.set_title(f"{shape}: real tokens/s above each bar")
+    speed.set_xticks(range(len(shown)), labels, fontsize=6)
+    speed.set_ylabel("MFU % (6N x real tok/s / 989 TFLOP/s)")
+    speed.set_title("8B shape: real tokens/s above each bar")
+    names = ["time to first step", "export (q8_0)", "time to model"]
+    ours_s = [head.get("time_to_first_step_s"), head.get("export_default_s"), head.get("time_to_model_s")]
+    clock.barh([0.2, 1.2, 2.2], [v or 0 for v in ours_s], height=0.4, color="#2ca02c", label="ours")
+    clock.barh(
+        [2.6],
+        [head.get("time_to_model_unsloth_s") or 0],
+        height=0.4,
+        color="#ff7f0e",
+        label="bare Unsloth (tutorial)",
+    )
+    clock.set_yticks([0.2, 1.2, 2.4], names)
+    clock.set_xlabel("seconds (seeds' medical recipe, 60 steps of 8 rows)")
+    clock.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -116,26 +164,20 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    env = json.loads((src / "env.json").read_text()) if (src / "env.json").is_file() else {}
-    results: list[dict[str, Any]] = []
-    for name in ("validate.json", "8b.json"):
-        if (src / name).is_file():
-            results += json.loads((src / name).read_text())
-    extra: dict[str, Any] = {}
-    found = [*src.glob("checkpoint-*.json"), *src.glob("export-*.json"), *src.glob("varlen-check.json")]
-    for path in sorted(found):
-        extra[path.stem] = json.loads(path.read_text())
-    checkpoint = extra.get(f"checkpoint-{HEADLINE_SHAPE}", {})
-    head = headline(results, env, checkpoint)
+    head = headline(src)
+    rows = load(src / "tutorial.json", []) + load(src / "ours.json", [])
+    extra = {name: load(src / f"{name}.json", None) for name in ("ttm", "ckpt")}
+    extra = {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in extra.items() if v}
+    (out / "latest.json").write_text(json.dumps(head, indent=1) + "\n")
     (out / "results.json").write_text(
-        json.dumps({"env": env, "headline": head, "results": results, **extra}, indent=1)
+        json.dumps({"env": load(src / "env.json", {}), "headline": head, "results": rows, **extra}, indent=1)
     )
-    (out / "latest.json").write_text(json.dumps(head, indent=1))
-    (out / "results.md").write_text(markdown(results, head, extra))
-    if results:
-        plot(results, out / "plot.png")
-    for profile in sorted(src.glob("profile-*.txt"))[:3]:
-        shutil.copy(profile, out / profile.name)
+    (out / "results.md").write_text(markdown(rows, head, extra))
+    if rows:
+        plot(rows, head, out / "plot.png")
+    for name in [*sorted(p.name for p in src.glob("profile-*.txt"))[:3], "pytest-gpu.txt"]:
+        if (src / name).is_file() and src != out:
+            shutil.copy(src / name, out / name)
     print((out / "results.md").read_text())
 
 

@@ -137,10 +137,11 @@ class ActivationPlan:
 
     def __call__(self, tokens: int) -> None:
         kept = self.memory.layers_kept(tokens, self.usable)
+        checkpointed = len(self.layers) - kept
+        # Set every time: Unsloth's for_training (at train() start, after generate) resets them.
+        for index, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = index < checkpointed
         if kept != self.kept:
-            checkpointed = len(self.layers) - kept
-            for index, layer in enumerate(self.layers):
-                layer.gradient_checkpointing = index < checkpointed
             if self.kept is None:
                 log.info(
                     "activations: %d of %d layers kept, %d recomputed, for a micro-batch of %d tokens "
