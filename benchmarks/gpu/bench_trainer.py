@@ -186,7 +186,11 @@ def ttm(model: Path, data_dir: Path, root: Path, env: dict[str, str]) -> dict[st
         "train_end_s": round(progress[-1]["t"] - started, 1),
         "export_stage_s": {k: round(v.get("seconds", 0.0), 1) for k, v in stages.items()},
         "export_default_s": round(done["t"] - progress[-1]["t"], 1) if done else None,
-        "export_check": {k: v.get("maxLogProbDelta") for k, v in stages.items() if "maxLogProbDelta" in v},
+        "export_check": {
+            k: [v.get("meanLogProbDelta"), v.get("maxLogProbDelta")]
+            for k, v in stages.items()
+            if "maxLogProbDelta" in v
+        },
         "time_to_model_s": round(done["t"] - started, 1) if done else None,
         "exited_s": round(time.time() - started, 1),
         "plan": first(lines, "step split") and first(lines, "step split")["msg"],

@@ -3,15 +3,14 @@
     python report.py RESULTS_DIR OUT_DIR
 
 RESULTS_DIR holds what the stages wrote: env.json, tutorial.json (bare Unsloth, the tutorial's
-code path), ours.json (our trainer's executions, bench_ours.py), ttm.json and ckpt.json (our
-trainer's CLI, bench_trainer.py), pytest-gpu.txt, profile-*.txt. It runs on the GPU machine at the
-end of every stage, and here on fetched files to rebuild the report.
+code path), ours.json (our trainer's executions, bench_ours.py), start.json, ttm.json and
+ckpt.json (our trainer's CLI, bench_trainer.py). It runs on the GPU machine at the end of every
+stage, and here on fetched files to rebuild the report.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     head = headline(src)
     rows = load(src / "tutorial.json", []) + load(src / "ours.json", [])
-    extra = {name: load(src / f"{name}.json", None) for name in ("ttm", "ckpt")}
+    extra = {name: load(src / f"{name}.json", None) for name in ("start", "ttm", "ckpt")}
     extra = {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in extra.items() if v}
     (out / "latest.json").write_text(json.dumps(head, indent=1) + "\n")
     (out / "results.json").write_text(
@@ -175,9 +174,6 @@ def main() -> None:
     (out / "results.md").write_text(markdown(rows, head, extra))
     if rows:
         plot(rows, head, out / "plot.png")
-    for name in [*sorted(p.name for p in src.glob("profile-*.txt"))[:3], "pytest-gpu.txt"]:
-        if (src / name).is_file() and src != out:
-            shutil.copy(src / name, out / name)
     print((out / "results.md").read_text())
 
 

@@ -16,7 +16,7 @@
 #   ttm       8B shape, our trainer's CLI on the seeds' medical recipe to the q8_0 GGUF in storage
 #   ckpt      8B shape, our trainer's CLI against moto's S3: checkpoint stall, SIGTERM to S3, resume
 #             to the first step from the cached 4-bit weights
-# Figures land in $OUT (results.json, results.md, latest.json, plot.png, logs).
+# Figures land in $OUT: latest.json, results.json, results.md, plot.png, pytest-gpu.txt, logs.tgz.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/bench-out}
@@ -36,7 +36,12 @@ B=benchmarks/gpu
 log() { echo "== $(date -u +%H:%M:%S) $*"; }
 # A failing step is reported and the stage goes on: one broken measurement must not hide the others.
 step() { log "$1"; shift; "$@" || echo "!! FAILED ($?): $*"; }
-keep_logs() { (cd /tmp && find bench-trainer-* bench-ours -maxdepth 3 -name '*.log' 2>/dev/null | tar czf "$OUT/logs.tgz" -T - 2>/dev/null) || true; }
+# $OUT takes 8 files: the report's four, pytest-gpu.txt, and everything else in logs.tgz (the raw
+# result files, profiler tables, trainer logs).
+keep_logs() {
+    (cd /tmp && { ls -d bench-results/* 2>/dev/null; find bench-trainer-* -maxdepth 3 -name '*.log' 2>/dev/null; } \
+        | tar czf "$OUT/logs.tgz" -T - 2>/dev/null) || true
+}
 trap keep_logs EXIT
 # The 8B model (16 GB) goes to memory when /dev/shm holds it: written and read at memory speed, as
 # from a local disk whose page cache holds it (the machine has 128 GB).

@@ -217,7 +217,7 @@ def test_export_on_the_gpu_is_verified_in_llama_cpp(tmp_path: Path, model_dir: P
     stages = json.loads(store.get_bytes("export/state.json"))["stages"]
     for quant in ("q8_0", "q4_k_m"):
         assert stages[f"gguf-{quant}"]["verifiedTokens"] == 16
-        assert stages[f"gguf-{quant}"]["maxLogProbDelta"] <= gguf.LOG_PROB_TOLERANCE[quant]
+        assert stages[f"gguf-{quant}"]["meanLogProbDelta"] <= gguf.LOG_PROB_TOLERANCE[quant]
     on_gpu = tmp_path / "export-work" / "artifacts" / "model-q8_0.gguf"
     on_cpu = tmp_path / "cpu-q8_0.gguf"
     gguf.write_merged(model_dir, adapter, on_cpu, "q8_0", "cpu")

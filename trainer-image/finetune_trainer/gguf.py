@@ -25,13 +25,14 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CONVERTER_TYPES = frozenset({"f16", "bf16", "q8_0"})
 """Written by the converter's classes (gguf_write.py, or convert_hf_to_gguf.py on a merged folder)."""
 
-LOG_PROB_TOLERANCE = {"f16": 0.02, "bf16": 0.05, "q8_0": 0.1, "q6_k": 0.2, "q5_k_m": 0.3, "q4_k_m": 0.5}
-"""Largest difference allowed between the log-probability a GGUF gives a verified token and the one
-the merged model gives it (nats), by type. The merged model's own greedy tokens are fed to both
+LOG_PROB_TOLERANCE = {"f16": 0.01, "bf16": 0.02, "q8_0": 0.05, "q6_k": 0.1, "q5_k_m": 0.2, "q4_k_m": 0.25}
+"""Largest mean difference allowed, by type, between the log-probabilities a GGUF and the merged
+model give the verified tokens (nats). The merged model's own greedy tokens are fed to both
 (teacher forcing), so the check compares the two models position by position and does not depend
-on near-ties between tokens the way a greedy match does. Measured on a trained tiny Llama
-(docs/export.md, "Verification"): f16 1e-3, q8_0 1e-2, q4_k_m 0.1; a GGUF with one projection's
-weights shuffled or its rotary layout wrong is off by 1 to 10 nats."""
+on near-ties between tokens the way a greedy match does. Measured on the export test's trained tiny
+Llama over 6 prompts x 16 tokens (mean / largest single difference): f16 0.0003 / 0.002, q8_0
+0.006 / 0.044, q6_k 0.010 / 0.13, q5_k_m 0.031 / 0.24, q4_k_m 0.028 / 0.35; the q8_0 file with one
+tensor's rows shuffled: 1.2 (ffn_down of one layer) to 11.4 (output head) on average."""
 
 QUANT_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 """Quantized from the f16 GGUF by `llama_model_quantize` (values of llama.h's `llama_ftype`)."""
@@ -215,21 +216,27 @@ def check_log_probs(
     actual: list[list[float]],
     token_text: Any,
     tokens: list[list[int]],
-) -> float:
-    """Fail unless every verified token's log-probability in the GGUF is within
-    LOG_PROB_TOLERANCE[quant] of the merged model's; returns the largest difference seen.
+) -> tuple[float, float]:
+    """Fail unless the mean difference between the GGUF's and the merged model's log-probabilities
+    of the verified tokens is within LOG_PROB_TOLERANCE[quant]; returns (mean, largest).
 
     `token_text(id)` names a token in the message."""
+    deltas = [
+        (abs(a - b), prompt, i, ids[i], a, b)
+        for prompt, hf, gg, ids in zip(prompts, expected, actual, tokens, strict=True)
+        for i, (a, b) in enumerate(zip(hf, gg, strict=True))
+    ]
+    if not deltas:
+        return 0.0, 0.0
+    mean = sum(d[0] for d in deltas) / len(deltas)
+    worst = max(deltas, key=lambda d: d[0])
     tolerance = LOG_PROB_TOLERANCE[quant]
-    worst = 0.0
-    for prompt, hf, gg, ids in zip(prompts, expected, actual, tokens, strict=True):
-        for i, (a, b) in enumerate(zip(hf, gg, strict=True)):
-            delta = abs(a - b)
-            if delta > tolerance:
-                raise ExportError(
-                    f"export.verifyTokens: the {quant} GGUF gives token {i} of the merged model's answer "
-                    f"to {prompt[:60]!r} ({ids[i]} {token_text(ids[i])!r}) log-probability {b:.3f}, the "
-                    f"merged model {a:.3f}: off by {delta:.3f}, more than the {tolerance} allowed for {quant}"
-                )
-            worst = max(worst, delta)
-    return worst
+    if mean > tolerance:
+        _, prompt, i, token, a, b = worst
+        raise ExportError(
+            f"export.verifyTokens: the {quant} GGUF's log-probabilities of the merged model's "
+            f"{len(deltas)} greedy tokens differ from the merged model's by {mean:.3f} nats on average, "
+            f"more than the {tolerance} allowed for {quant} (largest: token {i} of the answer to "
+            f"{prompt[:60]!r}, {token} {token_text(token)!r}: GGUF {b:.3f}, merged model {a:.3f})"
+        )
+    return mean, worst[0]
