@@ -69,8 +69,9 @@ def headline(src: Path) -> dict[str, Any]:
     def figure(row: dict[str, Any] | None, key: str) -> Any:
         return row.get(key) if row else None
 
-    return {
-        "recipe_tok_s_medical": figure(auto["medical"], "tokens_per_second"),
+    head = {
+        # bench_ours' medical run, or else the CLI's 60 steps of the same recipe (ttm)
+        "recipe_tok_s_medical": figure(auto["medical"], "tokens_per_second") or ttm.get("tokens_per_second"),
         "recipe_tok_s_alpaca": figure(auto["alpaca"], "tokens_per_second"),
         "seed_config_tok_s_medical": figure(tutorial.get("medical"), "tokens_per_second"),
         "seed_config_tok_s_alpaca": figure(tutorial.get("alpaca"), "tokens_per_second"),
@@ -82,6 +83,7 @@ def headline(src: Path) -> dict[str, Any]:
         "export_default_s": ttm.get("export_default_s"),
         "time_to_model_s": ttm.get("time_to_model_s"),
         "time_to_model_unsloth_s": figure(tutorial.get("medical"), "time_to_model_s"),
+        "time_to_model_unsloth_lower_bound_s": figure(tutorial.get("medical"), "time_to_model_lower_bound_s"),
         "large_step_mfu_pct_medical": figure(large["medical"], "mfu_pct"),
         "large_step_mfu_pct_alpaca": figure(large["alpaca"], "mfu_pct"),
         "large_step_config_medical": figure(large["medical"], "note"),
@@ -91,6 +93,8 @@ def headline(src: Path) -> dict[str, Any]:
         "gpu": env.get("gpu"),
         "versions": env.get("versions"),
     }
+    head["not_measured"] = sorted(k for k, v in head.items() if v is None and not k.endswith("lower_bound_s"))
+    return head
 
 
 def markdown(rows: list[dict[str, Any]], head: dict[str, Any], extra: dict[str, Any]) -> str:
@@ -113,17 +117,40 @@ def markdown(rows: list[dict[str, Any]], head: dict[str, Any], extra: dict[str, 
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], head: dict[str, Any], path: Path) -> None:
+def ttm_row(ttm: dict[str, Any]) -> dict[str, Any] | None:
+    """The CLI's time-to-model run as a row of the speed table (medical, 2 x 4 run as 8 x 1)."""
+    if not ttm.get("tokens_per_second"):
+        return None
+    return {
+        "engine": "ours",
+        "shape": HEADLINE_SHAPE,
+        "data": "medical",
+        "spec_batch": "2x4",
+        "micro_batches": "auto (CLI, 60 steps)",
+        "batch": 8,
+        "accumulation": 1,
+        "gradient_checkpointing": "auto",
+        "tokens_per_second": ttm["tokens_per_second"],
+        "mfu_pct": ttm["mfu_pct"],
+        "peak_reserved_gib": ttm.get("peak_gpu_gib") or 0.0,
+        "tokens_per_step": ttm["tokens_per_step"],
+        "seconds_per_step": ttm["seconds_per_step"],
+        "layers_kept": "32 of 32",
+    }
+
+
+def plot(
+    rows: list[dict[str, Any]], ttm: dict[str, Any], tutorial: dict[str, Any] | None, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (speed, clock) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (speed, clock) = plt.subplots(1, 2, figsize=(13, 5.6), gridspec_kw={"width_ratios": [2, 3]})
     shown = [r for r in rows if r["shape"] == HEADLINE_SHAPE]
     labels = [
-        f"{r['engine']}\n{r['data']} {r.get('spec_batch', '2x4')}\n-> {r['batch']}x{r['accumulation']}"
-        f"{' ' + r['gradient_checkpointing'] if r.get('gradient_checkpointing', 'auto') != 'auto' else ''}"
+        f"{r['engine']}\n{r['data']} {r.get('spec_batch', '2x4')}\nrun as {r['batch']}x{r['accumulation']}"
         for r in shown
     ]
     colors = {"ours": "#2ca02c", "unsloth-tutorial": "#ff7f0e"}
@@ -134,28 +161,62 @@ def plot(rows: list[dict[str, Any]], head: dict[str, Any], path: Path) -> None:
     )
     for bar, r in zip(bars, shown, strict=True):
         speed.annotate(
-            f"{r['tokens_per_second']:,.0f}",
+            f"{r['tokens_per_second']:,.0f} tok/s",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
-            fontsize=7,
+            fontsize=8,
         )
-    speed.set_xticks(range(len(shown)), labels, fontsize=6)
+    speed.set_xticks(range(len(shown)), labels, fontsize=7)
     speed.set_ylabel("MFU % (6N x real tok/s / 989 TFLOP/s)")
-    speed.set_title("8B shape: real tokens/s above each bar")
-    names = ["time to first step", "export (q8_0)", "time to model"]
-    ours_s = [head.get("time_to_first_step_s"), head.get("export_default_s"), head.get("time_to_model_s")]
-    clock.barh([0.2, 1.2, 2.2], [v or 0 for v in ours_s], height=0.4, color="#2ca02c", label="ours")
-    clock.barh(
-        [2.6],
-        [head.get("time_to_model_unsloth_s") or 0],
-        height=0.4,
-        color="#ff7f0e",
-        label="bare Unsloth (tutorial)",
+    speed.set_title("8B shape, 8 rows per optimizer step")
+
+    # Time to model, phase by phase: ours from its log, the tutorial as far as it got.
+    phases = ttm.get("phases_s") or {}
+    marks = [
+        ("preflight (imports, data)", phases.get("preflight")),
+        ("import unsloth", phases.get("unsloth_imported")),
+        ("4-bit load", phases.get("base_loaded")),
+        ("LoRA, plans", phases.get("model_loaded")),
+        ("trainer + 1st step", phases.get("first_step")),
+        ("59 more steps", ttm.get("train_end_s")),
+        ("export q8_0", ttm.get("time_to_model_s")),
+    ]
+    left, palette = 0.0, plt.get_cmap("tab10")
+    for i, (name, end) in enumerate(marks):
+        if end is None:
+            continue
+        clock.barh(1, end - left, left=left, color=palette(i), label=name)
+        left = end
+    if tutorial:
+        train = tutorial.get("train_runtime_s") or 0
+        merge = tutorial.get("merge_s") or 0
+        bound = tutorial.get("time_to_model_lower_bound_s") or tutorial.get("time_to_model_s") or 0
+        load = max(0.0, bound - train - merge)
+        clock.barh(0, train, color="#ffbb78", label="tutorial: 60 steps at 2 x 4 (train_runtime)")
+        clock.barh(0, merge, left=train, color="#c49c94", label="tutorial: merge to 16-bit")
+        clock.barh(
+            0,
+            load,
+            left=train + merge,
+            color="#dddddd",
+            hatch="//",
+            label="tutorial: import, load, q8_0 conversion (unfinished)",
+        )
+        clock.annotate(
+            f"> {bound:.0f} s, no GGUF yet",
+            (bound, 0),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    clock.annotate(
+        f"{left:.0f} s", (left, 1), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8
     )
-    clock.set_yticks([0.2, 1.2, 2.4], names)
-    clock.set_xlabel("seconds (seeds' medical recipe, 60 steps of 8 rows)")
-    clock.legend(fontsize=8)
+    clock.set_yticks([0, 1], ["bare Unsloth\n(tutorial)", "ours"])
+    clock.set_xlabel("seconds from process start (seeds' medical recipe: 500 rows, 60 steps of 8)")
+    clock.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -164,7 +225,9 @@ def main() -> None:
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     head = headline(src)
-    rows = load(src / "tutorial.json", []) + load(src / "ours.json", [])
+    ttm = load(src / "ttm.json", {})
+    tutorial = load(src / "tutorial.json", [])
+    rows = tutorial + load(src / "ours.json", []) + [r for r in [ttm_row(ttm)] if r]
     extra = {name: load(src / f"{name}.json", None) for name in ("start", "ttm", "ckpt")}
     extra = {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in extra.items() if v}
     (out / "latest.json").write_text(json.dumps(head, indent=1) + "\n")
@@ -173,7 +236,8 @@ def main() -> None:
     )
     (out / "results.md").write_text(markdown(rows, head, extra))
     if rows:
-        plot(rows, head, out / "plot.png")
+        medical = next((r for r in tutorial if r["data"] == "medical"), None)
+        plot(rows, ttm, medical, out / "plot.png")
     print((out / "results.md").read_text())
 
 

@@ -10,8 +10,10 @@ instead. The bytes are the ones quantization produced, so both pods train on the
 The key hashes what the weights depend on: the model source and revision, the names, sizes and
 modification times (or S3 ETags) of the base's files, the quantization settings and the versions of
 bitsandbytes, transformers and unsloth. A folder counts only once its SHA256SUMS is stored (written
-last by artifacts.upload_folder), and every file is checked against it after the download; anything
-else is a miss, and the pod quantizes as the first one did.
+last), and every file is checked against it after the download. After loading, the model's state
+is compared with the fingerprint the first pod recorded (state_fingerprint: dtype, shape and byte
+sum of every tensor); anything else, a failed load included, is a miss, and the pod quantizes as
+the first one did.
 
 Storage cost: one copy per job and base model (5.7 GB for an 8B model), removed with the job's
 storage. Uploading runs in a background thread while training starts; it is given up (the next
@@ -92,6 +94,28 @@ def fetch(store: ObjectStore, key: str, dest: Path) -> Path | None:
     return dest
 
 
+FINGERPRINT_NAME = "state-fingerprint.json"
+
+
+def state_fingerprint(model: Any) -> dict[str, list[Any]]:
+    """name -> [dtype, shape, sum of the tensor's bytes as int64]: an exact, cheap (on the GPU)
+    summary of a loaded model's state, recorded when the cache is made and compared after a
+    cached load, so weights that load differently than they were quantized are never trained on."""
+    import torch
+
+    out = {}
+    for name, tensor in model.state_dict().items():
+        raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        out[name] = [str(tensor.dtype), list(tensor.shape), int(raw.sum(dtype=torch.int64))]
+    return out
+
+
+def matches(folder: Path, model: Any) -> bool:
+    """Does the model loaded from the cached `folder` hold the state recorded when it was made?"""
+    recorded = folder / FINGERPRINT_NAME
+    return recorded.is_file() and json.loads(recorded.read_text()) == state_fingerprint(model)
+
+
 class Publisher:
     """Writes the loaded 4-bit model's weights to a local folder and uploads it, in a background
     thread, while training starts.
@@ -112,6 +136,7 @@ class Publisher:
         self.folder.mkdir(parents=True)
         self._state = dict(model.state_dict())
         self._config = model.config.to_dict()
+        (self.folder / FINGERPRINT_NAME).write_text(json.dumps(state_fingerprint(model)))
         tokenizer.save_pretrained(self.folder)
         generation = getattr(model, "generation_config", None)
         if generation is not None:

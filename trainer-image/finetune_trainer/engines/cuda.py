@@ -48,15 +48,34 @@ def load(
         cache_key = _weight_cache_key(spec, source)
         cached = weight_cache.fetch(store, cache_key, workdir / "base-4bit") if cache_key else None
     started = time.monotonic()
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(cached) if cached else source,
-        max_seq_length=spec.model.max_seq_length,
-        load_in_4bit=load_in_4bit,
-        dtype=None,
-        revision=None if cached else spec.model.revision,
-        trust_remote_code=spec.model.trust_remote_code,
-        token=hub_token(),
-    )
+
+    def from_pretrained(name: str, revision: str | None) -> tuple[Any, Any]:
+        return FastLanguageModel.from_pretrained(
+            model_name=name,
+            max_seq_length=spec.model.max_seq_length,
+            load_in_4bit=load_in_4bit,
+            dtype=None,
+            revision=revision,
+            trust_remote_code=spec.model.trust_remote_code,
+            token=hub_token(),
+        )
+
+    model = tokenizer = None
+    if cached is not None:
+        try:
+            model, tokenizer = from_pretrained(str(cached), None)
+        except Exception as e:  # a cache this Unsloth cannot load: quantize as the first pod did
+            log.warning("4-bit weight cache: loading failed (%s: %s); quantizing", type(e).__name__, e)
+        if model is not None and not weight_cache.matches(cached, model):
+            log.warning("4-bit weight cache: the loaded state differs from the recorded one; quantizing")
+            model = tokenizer = None
+            import torch
+
+            torch.cuda.empty_cache()
+        if model is None:
+            cached = None
+    if model is None:
+        model, tokenizer = from_pretrained(source, spec.model.revision)
     log.info(
         "base loaded in %.1fs (%s)",
         time.monotonic() - started,
