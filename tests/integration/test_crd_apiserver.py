@@ -89,7 +89,7 @@ def test_explain_prints_the_model_docstrings(kube: Any) -> None:
     assert "FIELD: r <integer>" in r
     assert "Rank of the low-rank update." in r
     batch = " ".join(kube.kubectl("explain", "ftj.spec.training.batchSize").stdout.split())
-    assert "or `auto`" in batch
+    assert "FIELD: batchSize <integer>" in batch and "microBatches: auto" in batch
 
 
 def examples() -> list[Path]:
@@ -149,12 +149,21 @@ INVALID: dict[str, tuple[dict[str, Any], str, str]] = {
         "spec.template.format",
         "format is only used with type custom",
     ),
-    "batchSize other string": (
-        {"training": {"batchSize": "big"}},
+    "batchSize auto (removed)": (
+        {"training": {"batchSize": "auto"}},
         "spec.training.batchSize",
-        "must be an integer from 1 to 4096, or 'auto'",
+        "must be of type integer",
     ),
-    "batchSize zero": ({"training": {"batchSize": 0}}, "spec.training.batchSize", "from 1 to 4096"),
+    "batchSize zero": (
+        {"training": {"batchSize": 0}},
+        "spec.training.batchSize",
+        "should be greater than or equal to 1",
+    ),
+    "microBatches unknown": (
+        {"training": {"microBatches": "max"}},
+        "spec.training.microBatches",
+        'supported values: "auto", "literal"',
+    ),
     "checkpoint with neither trigger": (
         {"checkpoint": {"everySteps": 0, "everyMinutes": 0}},
         "spec.checkpoint",
