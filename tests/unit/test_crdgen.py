@@ -131,12 +131,32 @@ def test_training_spec_is_immutable_field_by_field(root: Schema) -> None:
     assert "spec" in root["required"]  # so oldSelf always exists on update
 
 
-def test_batch_size_is_int_or_string_with_a_rule(root: Schema) -> None:
-    batch = root["properties"]["spec"]["properties"]["training"]["properties"]["batchSize"]
-    assert batch["x-kubernetes-int-or-string"] is True and "type" not in batch
-    assert batch["default"] == 2
-    (rule,) = batch["x-kubernetes-validations"]
-    assert rule["rule"] == "type(self) == int ? self >= 1 && self <= 4096 : self in ['auto']"
+def test_batch_size_is_a_bounded_integer_and_the_split_an_enum(root: Schema) -> None:
+    training = root["properties"]["spec"]["properties"]["training"]["properties"]
+    assert training["batchSize"] | {"description": ""} == {
+        "description": "",
+        "type": "integer",
+        "default": 2,
+        "minimum": 1,
+        "maximum": 4096,
+    }
+    assert training["microBatches"]["enum"] == ["auto", "literal"]
+    assert training["microBatches"]["default"] == "auto"
+
+
+def test_int_or_literal_becomes_int_or_string_with_a_rule() -> None:
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, Field
+
+    class Knob(BaseModel):
+        n: Annotated[int, Field(ge=1, le=9)] | Literal["auto"] = 2
+
+    node = crdgen.object_schema(Knob)["properties"]["n"]
+    assert node["x-kubernetes-int-or-string"] is True and "type" not in node
+    (rule,) = node["x-kubernetes-validations"]
+    assert rule["rule"] == "type(self) == int ? self >= 1 && self <= 9 : self in ['auto']"
+    assert rule["message"] == "must be an integer from 1 to 9, or 'auto'"
 
 
 def test_printer_columns_point_at_fields(committed: dict[str, Any], root: Schema) -> None:
