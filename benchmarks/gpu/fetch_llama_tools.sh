@@ -10,7 +10,8 @@
 # The bindings are pure ctypes, so a build under this machine's Python 3.11 loads under 3.12 there.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-grep -qx '/.whl-llama/' .git/info/exclude 2>/dev/null || echo '/.whl-llama/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file
+grep -qx '/.whl-llama/' "$exclude" 2>/dev/null || echo '/.whl-llama/' >> "$exclude"
 CACHE=${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}
 UV=${UV:-$CACHE/uv-0.13.9/bin/uv}
 VERSION=0.3.36  # pyproject.toml's llama-cpp-python pin

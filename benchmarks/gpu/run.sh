@@ -16,6 +16,8 @@
 #   ttm       8B shape, our trainer's CLI on the seeds' medical recipe to the q8_0 GGUF in storage
 #   ckpt      8B shape, our trainer's CLI against moto's S3: checkpoint stall, SIGTERM to S3, resume
 #             to the first step from the cached 4-bit weights
+#   engines, varlen, export: bare Unsloth and HF + PEFT + bnb at the seeds' config; the varlen
+#             attention kernel check; the export alone (EXPORT_QUANT="q8_0 q4_k_m" adds types)
 # Figures land in $OUT: latest.json, results.json, results.md, plot.png, pytest-gpu.txt, logs.tgz.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -86,6 +88,19 @@ for stage in "$@"; do
     start|ttm|ckpt)
         model llama-8b; data "$MODELS/llama-8b"
         step "trainer 8b $stage" python3 $B/bench_trainer.py "$MODELS/llama-8b" /tmp/data "$RES" "$stage"
+        ;;
+    engines)  # bare Unsloth (plain and varlen attention) and HF + PEFT + bnb at the seeds' config
+        model llama-8b; data "$MODELS/llama-8b"
+        step "unsloth 8b" env BENCH_PROFILE_DIR=$RES python3 $B/bench_unsloth.py "$MODELS/llama-8b" /tmp/data \
+            "$RES/engines.json" medical:2x4:plain:10 alpaca:2x4:plain:10 alpaca:8x1:varlen:10
+        step "hf 8b" timeout 170 python3 $B/bench_hf.py "$MODELS/llama-8b" /tmp/data "$RES/engines.json" medical:2x4:10
+        ;;
+    varlen)  # one attention layer: per-sequence SDPA against the bundled varlen kernel
+        step "varlen kernel check" python3 $B/check_varlen.py "$RES/varlen-check.json"
+        ;;
+    export)  # the export alone on a random adapter, EXPORT_QUANT types (default q8_0), per stage
+        step "export 8b" timeout "${EXPORT_TIMEOUT:-500}" python3 $B/bench_export.py /tmp/export \
+            "$RES/export-llama-8b.json" --shape llama-8b --quant ${EXPORT_QUANT:-q8_0}
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac
