@@ -13,6 +13,7 @@ from finetune_trainer.spec import (
     API_GROUP,
     API_VERSION,
     KIND,
+    TRAINING_RULES,
     SecretKeyRef,
     Spec,
     StorageSpec,
@@ -72,9 +73,11 @@ class JobStorageSpec(StorageSpec):
 IMMUTABLE_FIELDS = ("model", "data", "template", "lora", "training")
 """The training spec: a running job's checkpoints are only valid for these values."""
 
-# Transition rules (oldSelf) run on update only; spec is required, so oldSelf always exists. One
-# rule per field, so the API server's error names the field that changed.
+# The training spec's rules across sections, then the transition rules: those (oldSelf) run on
+# update only; spec is required, so oldSelf always exists. One rule per field, so the API server's
+# error names the field that changed.
 _SPEC_RULES = validations(
+    *TRAINING_RULES,
     *(
         cel(
             f"self.{name} == oldSelf.{name}",

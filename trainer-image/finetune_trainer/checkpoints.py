@@ -79,6 +79,13 @@ FINGERPRINT_EXCLUDED: Mapping[str, frozenset[str]] = {
 including fields added to the spec later: an unknown knob is assumed to matter, so a checkpoint is
 never resumed under a config that might train differently."""
 
+FINGERPRINT_LEFT_OUT_WHEN_UNSET: Mapping[str, frozenset[str]] = {
+    # Added after fingerprints were first stored: a job without validation data keeps the
+    # fingerprint it had, so its checkpoints stay resumable across a trainer upgrade. Set, it is in
+    # (a held-out fraction removes rows from training).
+    "data": frozenset({"validation"}),
+}
+
 
 def fingerprint_payload(spec: TrainingSpec, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The data hashed by `config_fingerprint`: fingerprinted sections with their defaults filled
@@ -86,7 +93,12 @@ def fingerprint_payload(spec: TrainingSpec, extra: Mapping[str, Any] | None = No
     payload: dict[str, Any] = {"fingerprint_version": FINGERPRINT_VERSION}
     for section in FINGERPRINT_SECTIONS:
         dumped = getattr(spec, section).model_dump(mode="json")
-        payload[section] = {k: v for k, v in dumped.items() if k not in FINGERPRINT_EXCLUDED.get(section, ())}
+        payload[section] = {
+            k: v
+            for k, v in dumped.items()
+            if k not in FINGERPRINT_EXCLUDED.get(section, ())
+            and not (v is None and k in FINGERPRINT_LEFT_OUT_WHEN_UNSET.get(section, ()))
+        }
     if extra:
         payload["extra"] = dict(extra)
     return payload
