@@ -145,6 +145,7 @@ def test_printer_columns_point_at_fields(committed: dict[str, Any], root: Schema
         "PHASE",
         "PROGRESS",
         "LOSS",
+        "EVAL LOSS",
         "PREEMPTIONS",
         "AGE",
     ]

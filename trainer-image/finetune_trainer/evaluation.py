@@ -204,5 +204,7 @@ class EvaluationCallback(_Callback):
             eval_token_accuracy=newest.token_accuracy,
             eval_step=newest.step,
             evals_since_best=t.since_best,
+            best_eval_loss=t.best.loss if t.best else None,
+            best_eval_step=t.best.step if t.best else None,
         )
         return t

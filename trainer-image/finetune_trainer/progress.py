@@ -45,6 +45,8 @@ class ProgressState:
     eval_token_accuracy: float | None = None
     eval_step: int | None = None
     evals_since_best: int | None = None
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
     checkpoints: list[dict[str, Any]] | None = None
     """The kept checkpoints, newest first, with their losses (runner.checkpoint_history)."""
     best_checkpoint: dict[str, Any] | None = None
@@ -84,6 +86,8 @@ class ProgressState:
                 "evalTokenAccuracy": self.eval_token_accuracy,
                 "evalStep": self.eval_step,
                 "evalsSinceBest": self.evals_since_best,
+                "bestEvalLoss": self.best_eval_loss,
+                "bestEvalStep": self.best_eval_step,
                 "checkpoints": [dict(c) for c in self.checkpoints] if self.checkpoints is not None else None,
                 "bestCheckpoint": dict(self.best_checkpoint) if self.best_checkpoint else None,
                 "samples": [dict(x) for x in self.samples] if self.samples is not None else None,
