@@ -128,9 +128,13 @@ class MlflowTracker(Tracker):
         # of retries per call; metrics are logged asynchronously, so training never waits on them.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        import mlflow
         from mlflow.tracking import MlflowClient
 
         assert spec.uri is not None  # the spec requires it for mlflow
+        # The process-wide URI too: flush_async_logging flushes the default store's queue (without
+        # it, MLflow 3 opens a default ./mlflow.db to flush).
+        mlflow.set_tracking_uri(spec.uri)
         self.client = MlflowClient(tracking_uri=spec.uri)
         self.store = store
         pointer = _load_pointer(store, self.kind)
