@@ -267,7 +267,6 @@ def _run(ctx: Context, device_request: str) -> int:
             ctx.result["stopReason"] = outcome.stop_reason
         ctx.progress.update(phase="Exporting")
         _eval_figures(ctx, metrics_log)
-        curve_artifacts = _publish_curves(ctx, store, metrics_log)
         if not stopped:
             model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
@@ -276,7 +275,9 @@ def _run(ctx: Context, device_request: str) -> int:
         artifacts = export_artifacts(
             spec, base_dir, adapter_dir, store, workdir=ctx.workdir / "export", device=device
         )
-        ctx.result["artifacts"] = curve_artifacts + artifacts
+        # The curves after export: export's stages resume from export/state.json, these are
+        # cheap to upload again from the metrics.jsonl the final checkpoint carries.
+        ctx.result["artifacts"] = artifacts + _publish_curves(ctx, store, metrics_log)
         ctx.result["adapterUri"] = next((a["uri"] for a in artifacts if a["name"] == "adapter"), None)
         _publish_samples(ctx, store)
         if not uploader.wait(FINAL_UPLOAD_TIMEOUT):
