@@ -19,7 +19,7 @@ $(UV):
 	$(CACHE)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION)
 
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --extra operator --extra train --extra export --group dev
+	$(UV) sync --frozen --extra operator --extra train --extra export --extra tracking --group dev
 	touch $@
 
 lint: venv

@@ -27,10 +27,11 @@ echo "== done in $(( $(date +%s) - start ))s; summary (${FINETUNE_SUMMARY_PATH})
 "$PY" - "$FINETUNE_SUMMARY_PATH" <<'PYEOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
-for key in ("exitReason", "steps", "finalLoss", "tokens", "tokensPerSecond", "trainSeconds", "checkpointUri"):
+for key in ("exitReason", "steps", "finalLoss", "evalLossBefore", "finalEvalLoss", "tokens", "tokensPerSecond",
+            "trainSeconds", "checkpointUri"):
     print(f"  {key}: {s.get(key)}")
 print(f"adapter: {s.get('adapterUri')}")
 for a in s.get("artifacts") or []:
-    if a["name"].startswith("gguf-"):
+    if a["name"].startswith("gguf-") or a["name"] in ("loss-plot", "metrics", "samples-md"):
         print(f"{a['name']}: {a['uri']} ({a['sizeBytes']} bytes)")
 PYEOF

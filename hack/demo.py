@@ -231,6 +231,16 @@ class Demo:
 
     # -- the end ------------------------------------------------------------------------------
 
+    def fetch_plot(self) -> None:
+        """loss.png (drawn by the trainer in its pod, on the CPU) from S3 to out/demo/loss.png."""
+        key = f"jobs/{NAMESPACE}/{self.name}/artifacts/loss.png"
+        target = WORKDIR / "loss.png"
+        target.write_bytes(self.s3.client().get_object(Bucket=self.s3.bucket, Key=key)["Body"].read())
+        print(
+            f"loss plot: {target.relative_to(REPO)} (from s3://{self.s3.bucket}/{key}; "
+            "train and eval loss, the resume marked)"
+        )
+
     def report(self) -> None:
         status = self.status()
         print()
@@ -245,9 +255,28 @@ class Demo:
         print(
             "summary: "
             + ", ".join(
-                f"{k} {summary.get(k)}" for k in ("steps", "finalLoss", "tokensPerSecond", "resumedFromStep")
+                f"{k} {summary.get(k)}"
+                for k in (
+                    "steps",
+                    "finalLoss",
+                    "evalLossBefore",
+                    "finalEvalLoss",
+                    "bestEvalStep",
+                    "tokensPerSecond",
+                    "resumedFromStep",
+                )
             )
         )
+        print("\ncheckpoints (newest first; train and eval loss):")
+        for c in status.get("checkpoints") or []:
+            print(f"  step {c['step']:>3}  train {c.get('trainLoss')}  eval {c.get('evalLoss')}  {c['uri']}")
+        print(f"best checkpoint: {json.dumps(status.get('bestCheckpoint'))}")
+        for sample in status.get("samples") or []:
+            print(
+                f"sample {sample.get('prompt')!r}: before {sample.get('before')!r}, "
+                f"after {sample.get('after')!r}"
+            )
+        self.fetch_plot()
         print("\nevents:")
         events = json.loads(self.kubectl("get", "events", "-n", NAMESPACE, "-o", "json"))["items"]
         for event in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"])):  # 1 s timestamps

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,25 +67,42 @@ class InProcessRun:
 
 
 class _Keep(logging.Handler):
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, stop_after_step: int | None = None) -> None:
         super().__init__(level)
         self.records: list[logging.LogRecord] = []
+        self.stop_after_step = stop_after_step
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+        fields = getattr(record, "fields", None) or {}
+        if (
+            self.stop_after_step is not None
+            and fields.get("event") == "progress"
+            and fields["step"] >= self.stop_after_step
+        ):
+            # SIGTERM to this very process, as the kubelet sends it: the trainer's own handler
+            # (installed by runner.run in this, the main, thread) turns it into a stop request.
+            self.stop_after_step = None
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_in_process(
-    job: Path, tmp: Path, level: int = logging.INFO, device: str = "cpu", **extra_env: str
+    job: Path,
+    tmp: Path,
+    level: int = logging.INFO,
+    device: str = "cpu",
+    stop_after_step: int | None = None,
+    **extra_env: str,
 ) -> InProcessRun:
     """`runner.run(job)` on `device` (the CPU unless a GPU test asks for cuda) with
     `trainer_env(tmp, **extra_env)`, keeping every log record at `level` and up; the environment
-    and log level are put back afterwards."""
+    and log level are put back afterwards. With `stop_after_step`, SIGTERM once that step is logged
+    (the run checkpoints and ends with 143)."""
     from finetune_trainer import runner
     from finetune_trainer.jobfile import load_job
 
     tmp.mkdir(parents=True, exist_ok=True)
-    root, handler = logging.getLogger(), _Keep(level)
+    root, handler = logging.getLogger(), _Keep(level, stop_after_step)
     saved_level = root.level
     root.addHandler(handler)
     root.setLevel(level)

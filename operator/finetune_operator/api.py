@@ -13,6 +13,7 @@ from finetune_trainer.spec import (
     API_GROUP,
     API_VERSION,
     KIND,
+    TRAINING_RULES,
     SecretKeyRef,
     Spec,
     StorageSpec,
@@ -72,9 +73,11 @@ class JobStorageSpec(StorageSpec):
 IMMUTABLE_FIELDS = ("model", "data", "template", "lora", "training")
 """The training spec: a running job's checkpoints are only valid for these values."""
 
-# Transition rules (oldSelf) run on update only; spec is required, so oldSelf always exists. One
-# rule per field, so the API server's error names the field that changed.
+# The training spec's rules across sections, then the transition rules: those (oldSelf) run on
+# update only; spec is required, so oldSelf always exists. One rule per field, so the API server's
+# error names the field that changed.
 _SPEC_RULES = validations(
+    *TRAINING_RULES,
     *(
         cel(
             f"self.{name} == oldSelf.{name}",
@@ -83,7 +86,7 @@ _SPEC_RULES = validations(
             f".{name}",
         )
         for name in IMMUTABLE_FIELDS
-    )
+    ),
 )
 
 
@@ -166,6 +169,18 @@ class Progress(Spec):
     """The step split and why: the spec's rows per step, the split chosen and the memory bound."""
     checkpoint_failures: int | None = Field(default=None, ge=0)
     """Checkpoint uploads that failed in the current pod (the trainer retries; see CheckpointsFailing)."""
+    eval_loss: float | None = None
+    """Latest loss on the validation rows (spec.data.validation)."""
+    eval_token_accuracy: float | None = None
+    """Latest share of validation tokens the model predicts first."""
+    eval_step: int | None = Field(default=None, ge=0)
+    """Step of the latest evaluation (0: the base model, before training)."""
+    best_eval_loss: float | None = None
+    """Lowest eval loss so far."""
+    best_eval_step: int | None = Field(default=None, ge=0)
+    """Step of the lowest eval loss."""
+    evals_since_best: int | None = Field(default=None, ge=0)
+    """Evaluations since the best one that did not improve on it (spec.evaluation.patience)."""
     updated_at: str | None = None
     """When the trainer reported this (RFC 3339); older reports never replace newer ones."""
 
@@ -179,6 +194,35 @@ class CheckpointStatus(Spec):
     """Optimizer step it holds."""
     time: str
     """When it became complete (RFC 3339)."""
+
+
+class CheckpointRecord(Spec):
+    """A kept checkpoint with its losses."""
+
+    step: int
+    """Optimizer step it holds."""
+    train_loss: float | None = None
+    """Training loss logged at that step."""
+    eval_loss: float | None = None
+    """Loss on the validation rows at that step (none when the checkpoint was not evaluated: the
+    SIGTERM checkpoint, or no validation data)."""
+    time: str | None = None
+    """When it became complete (RFC 3339)."""
+    uri: str
+    """Where it is stored."""
+
+
+class SampleAnswers(Spec):
+    """The first line of one sample prompt's answers (all of them: artifacts samples.json and .md)."""
+
+    prompt: str | None = None
+    """The prompt."""
+    before: str | None = None
+    """The base model's answer, before training."""
+    after: str | None = None
+    """The fine-tuned (merged) model's answer."""
+    gguf: dict[str, str | None] = Field(default_factory=dict, max_length=6)
+    """Each exported GGUF's answer in llama.cpp, by quantization."""
 
 
 class Artifact(Spec):
@@ -219,6 +263,13 @@ class FineTuneJobStatus(Spec):
     """Live training progress."""
     checkpoint: CheckpointStatus | None = None
     """Newest complete checkpoint."""
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=10)
+    """The kept checkpoints, newest first (at most 10), with train and eval loss."""
+    best_checkpoint: CheckpointRecord | None = None
+    """The kept checkpoint with the lowest eval loss (kept beyond keepLast; spec.export.fromCheckpoint
+    best exports it)."""
+    samples: list[SampleAnswers] = Field(default_factory=list, max_length=3)
+    """First lines of the before/after answers to the first sample prompts, once exported."""
     preemptions: int = 0
     """Times the training pod was evicted or preempted and replaced."""
     preempted_pods: list[str] = Field(default_factory=list, max_length=50)

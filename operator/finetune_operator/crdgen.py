@@ -229,6 +229,12 @@ PRINTER_COLUMNS = [
         "description": "Latest training loss.",
     },
     {
+        "name": "Eval Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.evalLoss",
+        "description": "Latest loss on the validation rows.",
+    },
+    {
         "name": "Preemptions",
         "type": "integer",
         "jsonPath": ".status.preemptions",

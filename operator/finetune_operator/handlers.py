@@ -389,6 +389,7 @@ class Controller:
         self.progress.note_status(key, new)
         old_status = old.get("status") or {}
         self.progress.observe_checkpoint(key, old_status, patch)
+        self.progress.announce(new, old_status, patch)
         added = int(patch.get("preemptions", old_status.get("preemptions") or 0)) - int(
             old_status.get("preemptions") or 0
         )

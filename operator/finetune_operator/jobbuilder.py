@@ -34,6 +34,9 @@ ENV_HUB_TOKEN = "HF_TOKEN"
 ENV_DATA_HUB_TOKEN = "HF_DATA_TOKEN"
 ENV_PUSH_TOKEN = "HF_PUSH_TOKEN"
 ENV_WANDB_KEY = "WANDB_API_KEY"
+ENV_MLFLOW_TOKEN = "MLFLOW_TRACKING_TOKEN"
+ENV_MLFLOW_USERNAME = "MLFLOW_TRACKING_USERNAME"
+ENV_MLFLOW_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
 S3_SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
 """(key, optional): env var name = key in the credentials Secret."""
 
@@ -157,8 +160,14 @@ def _env(ftj: dict[str, Any], spec: FineTuneJobSpec, cfg: OperatorConfig) -> lis
         )
     if spec.export.push:
         env.append(_secret_env(ENV_PUSH_TOKEN, spec.export.push.token_secret_ref))
-    if spec.tracking.api_key_secret_ref:
-        env.append(_secret_env(ENV_WANDB_KEY, spec.tracking.api_key_secret_ref))
+    tracking = spec.tracking
+    if tracking.api_key_secret_ref:
+        name = ENV_MLFLOW_TOKEN if tracking.type == "mlflow" else ENV_WANDB_KEY
+        env.append(_secret_env(name, tracking.api_key_secret_ref))
+    if tracking.username_secret_ref:
+        env.append(_secret_env(ENV_MLFLOW_USERNAME, tracking.username_secret_ref))
+    if tracking.password_secret_ref:
+        env.append(_secret_env(ENV_MLFLOW_PASSWORD, tracking.password_secret_ref))
     return env
 
 
@@ -167,6 +176,8 @@ def secret_fields(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, str]:
     spec = parse_spec(ftj)
     refs = [
         ("spec.tracking.apiKeySecretRef", spec.tracking.api_key_secret_ref),
+        ("spec.tracking.usernameSecretRef", spec.tracking.username_secret_ref),
+        ("spec.tracking.passwordSecretRef", spec.tracking.password_secret_ref),
         ("spec.export.push.tokenSecretRef", spec.export.push.token_secret_ref if spec.export.push else None),
         ("spec.data.tokenSecretRef", spec.data.token_secret_ref),
         ("spec.model.tokenSecretRef", spec.model.token_secret_ref),

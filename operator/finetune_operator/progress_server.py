@@ -22,10 +22,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from finetune_operator import events
 from finetune_operator.kube import ConflictError, Kube, NotFoundError
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.naming import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, job_name, short_name
@@ -62,6 +64,8 @@ def write_due(entry: Entry, now: float, interval: float) -> bool:
         return True
     if report.get("phase") != written.get("phase"):
         return True
+    if report.get("evalStep") != written.get("evalStep"):
+        return True  # an evaluation: rare, and what a person watching the job waits for
     return now - entry.written_at >= interval
 
 
@@ -188,6 +192,7 @@ class ProgressService:
         self._objects: dict[Key, dict[str, Any]] = {}
         self._written: dict[Key, dict[str, Any]] = {}
         self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -268,6 +273,7 @@ class ProgressService:
                 return
             self.book.mark_written(key, report, time.monotonic())
             self.observe_checkpoint(key, status, patch)
+            self.announce(new, status, patch)
             return
 
     def observe_checkpoint(self, key: Key, old_status: dict[str, Any], patch: dict[str, Any]) -> None:
@@ -281,6 +287,14 @@ class ProgressService:
         ckpt = (self.book.latest(key) or {}).get("checkpoint") or {}
         if ckpt.get("step") == new.get("step") and isinstance(ckpt.get("uploadSeconds"), int | float):
             self.metrics.checkpoint_duration.observe(ckpt["uploadSeconds"])
+
+    def announce(self, obj: dict[str, Any], old_status: dict[str, Any], patch: dict[str, Any]) -> None:
+        """Post the Events a status write calls for about the eval loss (events.evaluation_events).
+        Called for every status write, this writer's and the reconcile's, like observe_checkpoint."""
+        for event in events.evaluation_events(obj, old_status, patch, datetime.now(UTC)):
+            task = asyncio.get_running_loop().create_task(events.post(self.kube, event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def wrote(self, key: Key) -> str | None:
         """resourceVersion of the object as this service's last status write left it."""

@@ -35,8 +35,20 @@ PROGRESS_FIELDS = {
     "batchSize": "batchSize",
     "gradientAccumulationSteps": "gradientAccumulationSteps",
     "batchPlan": "batchPlan",
+    "evalLoss": "evalLoss",
+    "evalTokenAccuracy": "evalTokenAccuracy",
+    "evalStep": "evalStep",
+    "bestEvalLoss": "bestEvalLoss",
+    "bestEvalStep": "bestEvalStep",
+    "evalsSinceBest": "evalsSinceBest",
 }
 """Report field -> status.progress field (besides updatedAt)."""
+EVAL_FIELDS = ("evalLoss", "evalTokenAccuracy", "evalStep", "bestEvalLoss", "bestEvalStep", "evalsSinceBest")
+ROUNDED = ("loss", "evalLoss", "bestEvalLoss", "evalTokenAccuracy")
+HISTORY_LIMIT = 10
+"""Checkpoints status lists (the API's limit; the trainer sends at most as many)."""
+SAMPLES_LIMIT = 3
+SAMPLE_CHARS = 200
 MESSAGE_LIMIT = 1024
 LOSS_DIGITS = 4
 """Decimals of the loss in status (what `kubectl get ftj` shows; the trainer's metrics keep all)."""
@@ -375,10 +387,55 @@ def progress_from_report(report: dict[str, Any]) -> dict[str, Any]:
     }
     if "percent" not in progress and report.get("totalSteps"):
         progress["percent"] = round(100.0 * int(report.get("step") or 0) / int(report["totalSteps"]), 2)
-    if isinstance(progress.get("loss"), float):
-        progress["loss"] = round(progress["loss"], LOSS_DIGITS)
+    for key in ROUNDED:
+        if isinstance(progress.get(key), float):
+            progress[key] = round(progress[key], LOSS_DIGITS)
     progress["updatedAt"] = report["reportedAt"]
     return progress
+
+
+def _record(entry: Any) -> dict[str, Any] | None:
+    """A checkpoint of the trainer's history as status.checkpoints lists it; None when malformed."""
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("step"), int)
+        or not isinstance(entry.get("uri"), str)
+    ):
+        return None
+    out: dict[str, Any] = {"step": entry["step"], "uri": entry["uri"][:MESSAGE_LIMIT]}
+    for key in ("trainLoss", "evalLoss"):
+        if isinstance(entry.get(key), int | float) and not isinstance(entry.get(key), bool):
+            out[key] = round(float(entry[key]), LOSS_DIGITS)
+    if isinstance(entry.get("time"), str):
+        out["time"] = entry["time"]
+    return out
+
+
+def _sample(entry: Any) -> dict[str, Any] | None:
+    if not isinstance(entry, dict):
+        return None
+    out: dict[str, Any] = {
+        k: str(entry[k])[:SAMPLE_CHARS]
+        for k in ("prompt", "before", "after")
+        if isinstance(entry.get(k), str)
+    }
+    if isinstance(entry.get("gguf"), dict):
+        out["gguf"] = {str(k)[:16]: str(v)[:SAMPLE_CHARS] for k, v in list(entry["gguf"].items())[:6]}
+    return out
+
+
+def evaluation_from_report(report: dict[str, Any]) -> dict[str, Any]:
+    """status.checkpoints, status.bestCheckpoint and status.samples from a report, where it has them."""
+    out: dict[str, Any] = {}
+    if isinstance(report.get("checkpoints"), list):
+        records = [r for r in map(_record, report["checkpoints"]) if r is not None]
+        out["checkpoints"] = sorted(records, key=lambda r: r["step"], reverse=True)[:HISTORY_LIMIT]
+    best = _record(report.get("bestCheckpoint"))
+    if best is not None:
+        out["bestCheckpoint"] = best
+    if isinstance(report.get("samples"), list) and report["samples"]:
+        out["samples"] = [x for x in map(_sample, report["samples"][:SAMPLES_LIMIT]) if x is not None]
+    return out
 
 
 def checkpoint_from_report(report: dict[str, Any], current: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -413,12 +470,16 @@ def progress_patch(status: dict[str, Any], report: dict[str, Any] | None) -> dic
         return {}
     progress = progress_from_report(report)
     current = status.get("progress") or {}
+    # A pod that has not yet read its checkpoint's evaluations reports none: the job's eval figures
+    # stay (they do not go away with a pod; an EvalLossImproved event must not fire again).
+    progress |= {k: current[k] for k in EVAL_FIELDS if k in current and k not in progress}
     if report.get("phase") in STARTING_PHASES and int(current.get("step") or 0) > progress.get("step", 0):
         progress = {**current, "phase": progress.get("phase"), "updatedAt": progress["updatedAt"]}
     patch: dict[str, Any] = {"progress": progress}
     checkpoint = checkpoint_from_report(report, status.get("checkpoint"))
     if checkpoint:
         patch["checkpoint"] = checkpoint
+    patch |= {k: v for k, v in evaluation_from_report(report).items() if status.get(k) != v}
     return patch
 
 
@@ -507,21 +568,35 @@ def derive_status(
                 new["summary"] = summary
             if artifacts:
                 new["artifacts"] = artifacts
-    final_checkpoint = checkpoint_from_summary(
-        new.get("summary") or status.get("summary"), status.get("checkpoint")
-    )
+    summary = new.get("summary") or status.get("summary") or {}
+    final_checkpoint = checkpoint_from_summary(summary, status.get("checkpoint"))
     if observed.phase in ("Succeeded", "Failed") and final_checkpoint:
         new["checkpoint"] = final_checkpoint
+    stopped = early_stop(observed, summary)
+    if stopped is not None:
+        new["message"] = stopped.message
+        new["conditions"] = conditions_for(status.get("conditions") or [], stopped, progress, generation, now)
     if observed.phase == "Succeeded" and progress and progress.get("totalSteps"):
         # The last report may predate the final step (or never have arrived, when the operator was
         # down as the trainer finished); the Job's success and the trainer's summary are
-        # authoritative, so step and loss never disagree with the summary.
-        final = {"step": progress["totalSteps"], "percent": 100.0, "etaSeconds": 0}
-        loss = (new.get("summary") or status.get("summary") or {}).get("finalLoss")
+        # authoritative, so step and loss never disagree with the summary. An early stop ends
+        # before totalSteps: the summary's steps say where.
+        total = int(progress["totalSteps"])
+        step = summary["steps"] if isinstance(summary.get("steps"), int) else total
+        final = {"step": step, "percent": round(100.0 * step / total, 2), "etaSeconds": 0}
+        loss = summary.get("finalLoss")
         if isinstance(loss, int | float):
             final["loss"] = round(float(loss), LOSS_DIGITS)
         new["progress"] = {**progress, **final}
     return {k: v for k, v in new.items() if status.get(k) != v}
+
+
+def early_stop(observed: Observed, summary: dict[str, Any]) -> Observed | None:
+    """Succeeded, reason EarlyStopped, with the trainer's reason, when early stopping ended it."""
+    if observed.phase != "Succeeded" or summary.get("exitReason") != "early-stopped":
+        return None
+    reason = str(summary.get("stopReason") or "eval loss stopped improving")[:MESSAGE_LIMIT]
+    return Observed("Succeeded", "EarlyStopped", f"training and export finished; {reason}")
 
 
 def invalid_status(ftj: dict[str, Any], field: str, message: str, now: datetime) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+import yaml
 from e2e.harness import (
     REPO,
     OperatorProcess,
@@ -281,6 +282,15 @@ def drive_happy(s: Scenario) -> None:
     s.facts["status_during"] = s.status()
     s.wait_status("a checkpoint in status", lambda st: st.get("checkpoint"))
     s.facts["metrics_checkpointed"] = s.env.metrics()
+    s.wait_status(
+        "eval loss and the checkpoint history while training",
+        lambda st: (
+            st.get("phase") == "Running"
+            and (st.get("progress") or {}).get("evalLoss") is not None
+            and st.get("checkpoints")
+        ),
+    )
+    s.facts["yaml_mid_run"] = yaml.safe_load(s.kubectl("get", "ftj", s.name, "-o", "yaml").stdout)
     s.wait_phase("Succeeded")
     s.facts["metrics_after"] = s.env.metrics()
     s.facts["events"] = events_of(s)
@@ -407,7 +417,16 @@ def no_output_column(env: Env) -> dict[str, Any]:
 SCENARIOS: dict[str, tuple[Callable[[Scenario], None], Callable[[Env], dict[str, Any]]]] = {
     # GPU-seconds are counted for GPUs requested: the test kubelet's node has 8 (fake) GPUs and the
     # trainer, seeing no CUDA, trains on the CPU.
-    "happy": (drive_happy, lambda env: {"resources": {"gpus": 1}, "steps": HAPPY_STEPS}),
+    "happy": (
+        drive_happy,
+        lambda env: {
+            "resources": {"gpus": 1},
+            "steps": HAPPY_STEPS,
+            "data": {"path": str(env.data), "validation": {"fraction": 0.125}},
+            "evaluation": {"everySteps": EVERY},
+            "samples": {"prompts": ["Tell me about sleep."], "maxNewTokens": 8},
+        },
+    ),
     "evict-kill": (drive_evict_kill, lambda env: {}),
     "evict-term": (drive_evict_then_kill_operator, lambda env: {}),
     "suspend": (drive_suspend, lambda env: {}),
@@ -572,10 +591,33 @@ def test_job_runs_pending_running_succeeded_with_live_progress(
     assert final["startTime"] <= final["completionTime"]
     assert final["preemptions"] == 0
 
-    # Events: one per transition, in order.
-    moves = [e["message"].split(":")[0] for e in s.facts["events"]]
+    # Events: one per transition, in order; and the eval loss's improvements.
+    transitions = [e for e in s.facts["events"] if not e["reason"].startswith("EvalLoss")]
+    moves = [e["message"].split(":")[0] for e in transitions]
     assert moves == ["New -> Pending", "Pending -> Running", "Running -> Succeeded"], s.facts["events"]
-    assert {e["type"] for e in s.facts["events"]} == {"Normal"}
+    assert {e["type"] for e in transitions} == {"Normal"}
+    improved = [e for e in s.facts["events"] if e["reason"] == "EvalLossImproved"]
+    assert improved and improved[0]["message"].startswith("eval loss "), s.facts["events"]
+
+    # Mid-run, `kubectl get ftj -o yaml` shows the eval loss and the checkpoint history.
+    mid = s.facts["yaml_mid_run"]["status"]
+    assert mid["phase"] == "Running" and 0 < mid["progress"]["step"] < HAPPY_STEPS
+    assert isinstance(mid["progress"]["evalLoss"], float) and mid["progress"]["evalStep"] >= 0
+    assert mid["checkpoints"] and all(
+        {"step", "trainLoss", "evalLoss", "time", "uri"} <= c.keys() for c in mid["checkpoints"]
+    )
+    assert mid["checkpoints"][0]["uri"].startswith(f"s3://{s3.bucket}/jobs/{s.ns}/{s.name}/checkpoints/")
+    # At the end: the kept checkpoints (keepLast 2, plus the best when it is older), the best one,
+    # the eval figures in the summary, and the first lines of the sample answers.
+    kept = [c["step"] for c in final["checkpoints"]]
+    assert kept[:2] == [HAPPY_STEPS, HAPPY_STEPS - EVERY]
+    best = final["bestCheckpoint"]
+    assert best["evalLoss"] == min(c["evalLoss"] for c in final["checkpoints"]) and best["step"] in kept
+    assert final["summary"]["finalEvalLoss"] < final["summary"]["evalLossBefore"]
+    [sample] = final["samples"]
+    # (The tiny model's answers may be blank lines: what counts is that both were generated.)
+    assert sample["prompt"] == "Tell me about sleep." and sample["before"] is not None
+    assert sample["after"] is not None
 
     # The summary from the termination message.
     summary = final["summary"]
@@ -585,7 +627,9 @@ def test_job_runs_pending_running_succeeded_with_live_progress(
     # Checkpoints and the adapter in S3; artifacts in status with a checkable sha256 and size.
     prefix = f"jobs/{s.ns}/{s.name}/"
     keys = s3_keys(s3, prefix)
-    assert checkpoint_steps(keys, prefix) == [HAPPY_STEPS - EVERY, HAPPY_STEPS]  # keepLast 2
+    # keepLast 2, and the best by eval loss when it is older than those.
+    assert checkpoint_steps(keys, prefix)[-2:] == [HAPPY_STEPS - EVERY, HAPPY_STEPS]
+    assert checkpoint_steps(keys, prefix) == sorted({*kept, best["step"]})
     assert final["checkpoint"]["step"] == HAPPY_STEPS
     assert final["checkpoint"]["uri"] == f"s3://{s3.bucket}/{prefix}checkpoints/step-{HAPPY_STEPS:08d}/"
     [adapter] = [a for a in final["artifacts"] if a["name"] == "adapter"]

@@ -169,6 +169,38 @@ INVALID: dict[str, tuple[dict[str, Any], str, str]] = {
         "spec.checkpoint",
         "set everySteps, everyMinutes or both to more than 0",
     ),
+    # validation data, evaluation, tracking
+    "validation fraction above 0.5": (
+        {"data": {"validation": {"fraction": 0.7}}},
+        "spec.data.validation.fraction",
+        "should be less than or equal to 0.5",
+    ),
+    "validation fraction zero": (
+        {"data": {"validation": {"fraction": 0}}},
+        "spec.data.validation.fraction",
+        "should be greater than 0",
+    ),
+    "two validation sources": (
+        {"data": {"validation": {"fraction": 0.1, "path": "/data/validation.jsonl"}}},
+        "spec.data.validation",
+        "set exactly one of fraction, hub, s3, path",
+    ),
+    "early stopping without validation": (
+        {"evaluation": {"earlyStopping": True}},
+        "spec.evaluation",
+        "evaluation.earlyStopping needs data.validation",
+    ),
+    "export from best without validation": (
+        {"export": {"fromCheckpoint": "best"}},
+        "spec.export",
+        "export.fromCheckpoint best needs data.validation",
+    ),
+    "mlflow without a uri": ({"tracking": {"type": "mlflow"}}, "spec.tracking.uri", "type mlflow needs uri"),
+    "credentials in the tracking uri": (
+        {"tracking": {"type": "mlflow", "uri": "https://user:secret@mlflow.example.com"}},
+        "spec.tracking.uri",
+        "should match",
+    ),
 }
 
 
@@ -205,7 +237,8 @@ def test_training_spec_is_immutable_but_suspend_is_not(kube: Any) -> None:
 
 def test_printer_columns(kube: Any) -> None:
     assert apply(kube, manifest("columns")).returncode == 0
-    status = {"phase": "Running", "progress": {"step": 25, "totalSteps": 60, "percent": 41.7, "loss": 1.234}}
+    progress = {"step": 25, "totalSteps": 60, "percent": 41.7, "loss": 1.234, "evalLoss": 1.5}
+    status = {"phase": "Running", "progress": progress}
     kube.kubectl(
         "patch",
         "ftj",
@@ -218,10 +251,11 @@ def test_printer_columns(kube: Any) -> None:
         json.dumps({"status": {**status, "preemptions": 1}}),
     )
     lines = kube.kubectl("get", "ftj", "columns", "-n", kube.namespace).stdout.splitlines()
-    assert lines[0].split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "PREEMPTIONS", "AGE"]
-    assert lines[1].split()[:5] == ["columns", "Running", "41", "1.234", "1"]
+    assert lines[0].split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "EVAL", "LOSS", "PREEMPTIONS", "AGE"]
+    assert lines[1].split()[:6] == ["columns", "Running", "41", "1.234", "1.5", "1"]
     wide = kube.kubectl("get", "ftj", "columns", "-n", kube.namespace, "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "PROGRESS", "STEP", "LOSS", "PREEMPTIONS", "MODEL", "AGE"]
+    header = ["NAME", "PHASE", "PROGRESS", "STEP", "LOSS", "EVAL", "LOSS", "PREEMPTIONS", "MODEL", "AGE"]
+    assert wide[0].split() == header
     assert "unsloth/Qwen3-8B" in wide[1]
     # Short name and category: `kubectl get all` lists FineTuneJobs too.
     assert "finetunejob.finetune.dev/columns" in kube.kubectl("get", "all", "-n", kube.namespace).stdout

@@ -8,13 +8,17 @@ import pytest
 from finetune_trainer.checkpoints import (
     FINGERPRINT_EXCLUDED,
     MANIFEST_NAME,
+    CheckpointRef,
     ManifestError,
     NewerManifestError,
+    best_by_eval_loss,
     build_manifest,
     config_fingerprint,
     deletion_order,
     encode_manifest,
     group_by_step,
+    history,
+    history_entry,
     manifest_problem,
     parse_checkpoint_key,
     parse_manifest,
@@ -238,6 +242,41 @@ def test_fingerprint_exclusions_name_real_fields() -> None:
         assert names <= set(model.model_fields), section
 
 
+def test_a_job_without_validation_keeps_the_fingerprint_it_had() -> None:
+    """Checkpoints written before spec.data.validation existed stay resumable: the value was
+    computed by the trainer before the field was added. A held-out fraction changes the rows
+    trained on, so it changes the fingerprint."""
+    assert config_fingerprint(spec()) == "14aa91c30bd45a71f2c35cc149cc81624baa041780712bd7213370f4412630bf"
+    assert config_fingerprint(spec(data={"validation": {"fraction": 0.1}})) != config_fingerprint(spec())
+
+
 def test_fingerprint_extra_facts_count() -> None:
     assert config_fingerprint(spec(), {"world_size": 2}) != config_fingerprint(spec(), {"world_size": 1})
     assert config_fingerprint(spec(), {}) == config_fingerprint(spec())
+
+
+def ref(step: int, eval_loss: float | None) -> CheckpointRef:
+    state = {"loss": 1.0} if eval_loss is None else {"loss": 1.0, "evalLoss": eval_loss}
+    manifest = {"step": step, "created_at": "2025-01-01T00:00:00Z", "files": [], "trainer_state": state}
+    return CheckpointRef(step, step_prefix(step), f"s3://b/{step_prefix(step)}", manifest)
+
+
+def test_the_best_checkpoint_survives_pruning() -> None:
+    assert plan_prune([10, 20, 30, 40], [10, 20, 30, 40], [], keep_last=1, current=40, protected=[20]) == [
+        10,
+        30,
+    ]
+
+
+def test_best_by_eval_loss_is_the_lowest_and_the_earliest_of_equals() -> None:
+    refs = [ref(40, 1.5), ref(30, 1.2), ref(20, 1.2), ref(10, None)]
+    assert best_by_eval_loss(refs).step == 20
+    assert best_by_eval_loss([ref(10, None)]) is None
+    assert [h["step"] for h in history(refs, limit=2)] == [40, 30]
+    assert history_entry(ref(10, None)) == {
+        "step": 10,
+        "trainLoss": 1.0,
+        "evalLoss": None,
+        "time": "2025-01-01T00:00:00Z",
+        "uri": "s3://b/checkpoints/step-00000010/",
+    }

@@ -288,8 +288,12 @@ def test_trainer_export_pins_the_training_stack(tmp_path):
         "transformers",
         "llama-cpp-python",
         "gguf",
+        "matplotlib",  # loss.png
+        "mlflow-skinny",  # tracking: the client only
+        "wandb",
     }
     assert wanted <= names, wanted - names
+    assert "mlflow" not in names, "the MLflow server (dev only) leaked into the trainer image"
     assert "kopf" not in names, "the operator extra leaked into the trainer image"
     assert "pytest" not in names, "dev dependencies leaked into the trainer image"
     assert requirements.read_text().count("--hash=sha256:") >= len(names), "unhashed requirements"

@@ -125,6 +125,23 @@ def test_secrets_only_by_reference() -> None:
             assert "value" not in e, f"{e['name']} must come from a Secret"
 
 
+def test_mlflow_credentials_only_by_reference() -> None:
+    refs = {k: {"name": "mlflow", "key": k} for k in ("token", "user", "password")}
+    tracking = {
+        "type": "mlflow",
+        "uri": "https://mlflow.example.com",
+        "apiKeySecretRef": refs["token"],
+        "usernameSecretRef": refs["user"],
+        "passwordSecretRef": refs["password"],
+    }
+    env = {e["name"]: e for e in trainer(build_job(ftj(tracking=tracking), CFG))["env"]}
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"] == refs["token"]
+    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == refs["user"]
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == refs["password"]
+    assert "WANDB_API_KEY" not in env
+    assert all("value" not in e for name, e in env.items() if name.startswith("MLFLOW_"))
+
+
 def test_trainer_gets_the_whole_spec_with_storage_resolved() -> None:
     spec = {
         "template": {"type": "custom", "format": "Q: {q}\nA: {a}", "fields": {"q": "question"}},

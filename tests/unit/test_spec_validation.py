@@ -60,6 +60,22 @@ VALID: dict[str, dict[str, Any]] = {
             "push": {"repo": "me/adapter", "tokenSecretRef": {"name": "hf", "key": "token"}},
         }
     },
+    "held-out validation, early stopping, export from best": {
+        "data": {"validation": {"fraction": 0.1, "maxRows": 100}},
+        "evaluation": {"everySteps": 10, "patience": 2, "earlyStopping": True},
+        "export": {"fromCheckpoint": "best"},
+    },
+    "validation file of its own": {"data": {"validation": {"path": "/data/val.jsonl", "split": "train"}}},
+    "mlflow tracking": {
+        "tracking": {
+            "type": "mlflow",
+            "uri": "https://mlflow.example.com",
+            "project": "team-a",
+            "usernameSecretRef": {"name": "mlflow", "key": "user"},
+            "passwordSecretRef": {"name": "mlflow", "key": "password"},
+        }
+    },
+    "wandb offline": {"tracking": {"type": "wandb", "project": "p", "runName": "r"}},
     "kubernetes knobs": {
         "resources": {"gpus": 2, "memory": "64Gi", "cpu": "500m"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -107,6 +123,37 @@ INVALID: dict[str, tuple[dict[str, Any], str, str]] = {
     "queue name with capitals": ({"queueName": "Team-A"}, "queueName", "pattern"),
     "s3 model without bucket": ({"model": {"hub": None, "s3": "s3:/models"}}, "model.s3", "pattern"),
     "missing data": ({"data": None}, "data", "Field required"),
+    "validation fraction above 0.5": (
+        {"data": {"validation": {"fraction": 0.7}}},
+        "data.validation.fraction",
+        "less than or equal to 0.5",
+    ),
+    "validation fraction zero": (
+        {"data": {"validation": {"fraction": 0}}},
+        "data.validation.fraction",
+        "greater than 0",
+    ),
+    "two validation sources": (
+        {"data": {"validation": {"fraction": 0.1, "path": "/v.jsonl"}}},
+        "data.validation",
+        "exactly one of fraction, hub, s3, path",
+    ),
+    "early stopping without validation": (
+        {"evaluation": {"earlyStopping": True}},
+        "",
+        "needs data.validation",
+    ),
+    "export from best without validation": (
+        {"export": {"fromCheckpoint": "best"}},
+        "",
+        "needs data.validation",
+    ),
+    "mlflow without a uri": ({"tracking": {"type": "mlflow"}}, "tracking", "needs the tracking server's uri"),
+    "credentials in the tracking uri": (
+        {"tracking": {"type": "mlflow", "uri": "https://u:p@mlflow.example.com"}},
+        "tracking.uri",
+        "pattern",
+    ),
 }
 
 

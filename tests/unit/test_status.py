@@ -338,3 +338,58 @@ def test_final_checkpoint_from_the_summary() -> None:
     # Already shown (the report arrived): nothing to change.
     f = apply(f, {"checkpoint": p["checkpoint"]})
     assert "checkpoint" not in derive_status(f, job(conditions=[cond("Complete")]), [done], None, NOW)
+
+
+def history_entry(step: int, eval_loss: float | None) -> dict:
+    return {
+        "step": step,
+        "trainLoss": 2.0,
+        "evalLoss": eval_loss,
+        "time": T0,
+        "uri": f"s3://b/ns/j/checkpoints/step-{step:08d}/",
+    }
+
+
+def test_eval_figures_checkpoint_history_and_best_reach_status() -> None:
+    f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
+    history = [history_entry(s, 3.0 - s / 10) for s in range(2, 30, 2)]  # 14, oldest first
+    evals = {
+        "evalLoss": 1.23456789,
+        "evalStep": 28,
+        "bestEvalLoss": 1.2,
+        "bestEvalStep": 28,
+        "evalsSinceBest": 0,
+    }
+    sent = {
+        **report(28, "2025-03-01T11:59:30Z"),
+        **evals,
+        "checkpoints": history,
+        "bestCheckpoint": history[-1],
+    }
+    p = derive_status(f, job(), [pod()], sent, NOW)
+    assert p["progress"]["evalLoss"] == 1.2346 and p["progress"]["bestEvalStep"] == 28
+    assert [c["step"] for c in p["checkpoints"]] == list(range(28, 8, -2))  # the newest 10, newest first
+    assert p["checkpoints"][0] == {**history[-1], "evalLoss": 0.2}
+    assert p["bestCheckpoint"]["step"] == 28
+    # A malformed entry is dropped, not written.
+    bad = {**sent, "reportedAt": "2025-03-01T11:59:40Z", "checkpoints": [{"step": "x"}, history[0]]}
+    assert [c["step"] for c in progress_patch(apply(f, p)["status"], bad)["checkpoints"]] == [2]
+
+
+def test_a_resumed_pod_without_evaluations_yet_keeps_the_eval_figures() -> None:
+    progress = {"step": 20, "totalSteps": 60, "evalLoss": 1.5, "bestEvalLoss": 1.4, "updatedAt": T0}
+    f = apply(ftj(), {"phase": "Running", "progress": progress})
+    p = progress_patch(f["status"], report(20, "2025-03-01T12:00:30Z"))
+    assert p["progress"]["evalLoss"] == 1.5 and p["progress"]["bestEvalLoss"] == 1.4
+
+
+def test_early_stop_succeeds_with_the_reason_and_the_steps_it_ran() -> None:
+    progress = {"step": 30, "totalSteps": 60, "updatedAt": T0}
+    f = apply(ftj(), {"phase": "Running", "progress": progress})
+    reason = "stopped early at step 30: eval loss did not improve for 3 evaluations (best 1.2 at step 18)"
+    summary = {"exitReason": "early-stopped", "stopReason": reason, "steps": 30, "finalLoss": 0.5}
+    done = pod(phase="Succeeded", running=False, exit_code=0, message=json.dumps(summary))
+    p = derive_status(f, job(conditions=[cond("Complete")]), [done], None, NOW)
+    assert p["phase"] == "Succeeded" and reason in p["message"]
+    assert by_type(p)["Succeeded"]["reason"] == "EarlyStopped" and by_type(p)["Ready"]["status"] == "True"
+    assert p["progress"]["step"] == 30 and p["progress"]["percent"] == 50.0

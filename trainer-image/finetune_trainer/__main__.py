@@ -59,7 +59,7 @@ def _preflight(job: object) -> int:
         except ConfigError as e:
             log.error("config error: %s", e, extra={"fields": {"field": e.field}})
             return EXIT_CONFIG_ERROR
-    print(preflight.report(checked.data.stats))
+    print(preflight.report(checked.data.stats, checked.validation_stats))
     return 0
 
 

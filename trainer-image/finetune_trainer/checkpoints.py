@@ -80,6 +80,13 @@ FINGERPRINT_EXCLUDED: Mapping[str, frozenset[str]] = {
 including fields added to the spec later: an unknown knob is assumed to matter, so a checkpoint is
 never resumed under a config that might train differently."""
 
+FINGERPRINT_LEFT_OUT_WHEN_UNSET: Mapping[str, frozenset[str]] = {
+    # Added after fingerprints were first stored: a job without validation data keeps the
+    # fingerprint it had, so its checkpoints stay resumable across a trainer upgrade. Set, it is in
+    # (a held-out fraction removes rows from training).
+    "data": frozenset({"validation"}),
+}
+
 
 def fingerprint_payload(spec: TrainingSpec, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The data hashed by `config_fingerprint`: fingerprinted sections with their defaults filled
@@ -87,7 +94,12 @@ def fingerprint_payload(spec: TrainingSpec, extra: Mapping[str, Any] | None = No
     payload: dict[str, Any] = {"fingerprint_version": FINGERPRINT_VERSION}
     for section in FINGERPRINT_SECTIONS:
         dumped = getattr(spec, section).model_dump(mode="json")
-        payload[section] = {k: v for k, v in dumped.items() if k not in FINGERPRINT_EXCLUDED.get(section, ())}
+        payload[section] = {
+            k: v
+            for k, v in dumped.items()
+            if k not in FINGERPRINT_EXCLUDED.get(section, ())
+            and not (v is None and k in FINGERPRINT_LEFT_OUT_WHEN_UNSET.get(section, ()))
+        }
     if extra:
         payload["extra"] = dict(extra)
     return payload
@@ -245,24 +257,65 @@ def manifest_problem(
 
 
 def plan_prune(
-    steps: Iterable[int], complete: Iterable[int], foreign: Iterable[int], keep_last: int, current: int
+    steps: Iterable[int],
+    complete: Iterable[int],
+    foreign: Iterable[int],
+    keep_last: int,
+    current: int,
+    *,
+    protected: Iterable[int] = (),
 ) -> list[int]:
     """Checkpoint steps to delete after checkpoint `current` became complete.
 
     Kept: the `keep_last` newest complete checkpoints up to `current` (which is one of them),
-    checkpoints of other configs (`foreign`: not ours to judge), and everything newer than
-    `current` (left by an earlier run that this one resumed before; it overwrites them as it
-    passes their steps). Deleted: older complete checkpoints beyond those, and partial or broken
-    ones older than `current`.
+    `protected` complete ones (the best by eval loss), checkpoints of other configs (`foreign`: not
+    ours to judge), and everything newer than `current` (left by an earlier run that this one
+    resumed before; it overwrites them as it passes their steps). Deleted: older complete
+    checkpoints beyond those, and partial or broken ones older than `current`.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last: expected >= 1, got {keep_last}")
     complete_set, foreign_set = set(complete), set(foreign)
     older_complete = sorted((s for s in complete_set if s <= current), reverse=True)
-    doomed = set(older_complete[keep_last:])
+    doomed = set(older_complete[keep_last:]) - set(protected)
     doomed |= {s for s in steps if s < current and s not in complete_set and s not in foreign_set}
     doomed.discard(current)
     return sorted(doomed)
+
+
+def eval_loss_of(ref: CheckpointRef) -> float | None:
+    """The eval loss a checkpoint was saved with (None when it was not evaluated)."""
+    value = (ref.trainer_state or {}).get("evalLoss")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+HISTORY_LIMIT = 10
+"""Checkpoints the history in status lists (the newest; the best is named apart)."""
+
+
+def history_entry(ref: CheckpointRef) -> dict[str, Any]:
+    """A checkpoint as status lists it: step, losses, time, URI."""
+    state = ref.trainer_state or {}
+    loss = state.get("loss")
+    return {
+        "step": ref.step,
+        "trainLoss": float(loss) if isinstance(loss, int | float) else None,
+        "evalLoss": eval_loss_of(ref),
+        "time": ref.manifest.get("created_at"),
+        "uri": ref.uri,
+    }
+
+
+def history(refs: Iterable[CheckpointRef], limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+    """The newest `limit` checkpoints, newest first."""
+    return [history_entry(r) for r in sorted(refs, key=lambda r: r.step, reverse=True)[:limit]]
+
+
+def best_by_eval_loss(refs: Iterable[CheckpointRef]) -> CheckpointRef | None:
+    """The checkpoint with the lowest eval loss (the earliest of equal ones); None when none was
+    evaluated."""
+    scored = [(loss, ref.step, ref) for ref in refs if (loss := eval_loss_of(ref)) is not None]
+    return min(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
 
 
 def deletion_order(keys: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -350,13 +403,23 @@ def list_complete(store: ObjectStore, fingerprint: str) -> list[CheckpointRef]:
     return survey(store, fingerprint).complete
 
 
-def download(store: ObjectStore, ref: CheckpointRef, dest: Path) -> Path:
-    """Download a checkpoint's files into `dest` and verify sizes and sha256.
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+"""What export needs of a checkpoint (not the optimizer state, several times larger)."""
+
+
+def download(store: ObjectStore, ref: CheckpointRef, dest: Path, only: Iterable[str] | None = None) -> Path:
+    """Download a checkpoint's files (those named in `only`, else all) into `dest` and verify sizes
+    and sha256.
 
     Raises CorruptCheckpoint when a file is missing or differs from the manifest."""
     dest.mkdir(parents=True, exist_ok=True)
+    wanted = set(only) if only is not None else None
+    if wanted is not None and (absent := wanted - {f["path"] for f in ref.files}):
+        raise CorruptCheckpoint(ref.step, ", ".join(sorted(absent)), "not in the manifest")
     for entry in ref.files:
         path = entry["path"]
+        if wanted is not None and path not in wanted:
+            continue
         target = dest.joinpath(*path.split("/"))
         try:
             store.get_file(ref.prefix + path, target)
@@ -451,6 +514,8 @@ class CheckpointUploader:
         on_failed_attempt: Callable[[int, str], None] | None = None,
         last_complete: CheckpointRef | None = None,
         skip_superseded: bool = True,
+        keep_best: bool = False,
+        on_kept: Callable[[list[CheckpointRef]], None] | None = None,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last: expected >= 1, got {keep_last}")
@@ -463,6 +528,11 @@ class CheckpointUploader:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.skip_superseded = skip_superseded
+        self.keep_best = keep_best
+        """Keep the checkpoint with the lowest eval loss beyond keep_last (export from best needs it)."""
+        self.on_kept = on_kept
+        """Called from the worker thread after pruning with the complete checkpoints that remain,
+        newest first (the checkpoint history in status). Exceptions it raises are logged."""
         self.on_complete = on_complete
         """Called from the worker thread with the new checkpoint and the seconds from submit to
         complete manifest. Exceptions it raises are logged and ignored."""
@@ -714,12 +784,16 @@ class CheckpointUploader:
     def _prune(self, current: int) -> None:
         try:
             found = survey(self.store, self.fingerprint)
+            best = (
+                best_by_eval_loss(r for r in found.complete if r.step <= current) if self.keep_best else None
+            )
             doomed = plan_prune(
                 found.steps,
                 [r.step for r in found.complete],
                 found.foreign,
                 self.keep_last,
                 current,
+                protected=[best.step] if best else [],
             )
             for step in doomed:
                 keys = [step_prefix(step) + path for path in found.steps[step]]
@@ -729,3 +803,9 @@ class CheckpointUploader:
                 log.info("checkpoint %s pruned", self.store.uri(step_prefix(step)))
         except Exception as e:  # pruning again after the next checkpoint is good enough
             log.warning("checkpoint pruning failed, will retry after the next checkpoint: %s", e)
+            return
+        if self.on_kept is not None:
+            try:
+                self.on_kept([r for r in found.complete if r.step not in set(doomed)])
+            except Exception:
+                log.exception("checkpoint on_kept callback failed")

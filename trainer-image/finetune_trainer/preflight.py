@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import data, engines, templates
+from finetune_trainer import data, engines, templates, validation
 from finetune_trainer.spec import TrainingSpec
 
 EXAMPLE_CHARS = 2000
@@ -21,6 +21,10 @@ class Preflight:
     model_source: str
     tokenizer: Any
     data: data.PreparedData
+    """The training rows (without the held-out ones)."""
+    validation: data.PreparedData | None = None
+    """The validation rows evaluated (at most maxRows), when spec.data.validation is set."""
+    validation_stats: validation.ValidationStats | None = None
 
 
 def check(spec: TrainingSpec, workdir: Path, tokenizer_only: bool = False) -> Preflight:
@@ -29,28 +33,37 @@ def check(spec: TrainingSpec, workdir: Path, tokenizer_only: bool = False) -> Pr
     mistake is reported in seconds."""
     rows = data.load_rows(spec.data, spec.storage, workdir)
     templates.check_columns(spec.template, rows.column_names)
+    held = validation.split(spec, rows, workdir)
     source = engines.resolve_model_source(spec.model, spec.storage, workdir, tokenizer_only=tokenizer_only)
     tokenizer = engines.load_tokenizer(spec, source)
     prepared = data.prepare(
-        rows, spec.template, tokenizer=tokenizer, max_seq_length=spec.model.max_seq_length
+        held.train if held else rows,
+        spec.template,
+        tokenizer=tokenizer,
+        max_seq_length=spec.model.max_seq_length,
     )
-    return Preflight(source, tokenizer, prepared)
+    if held is None:
+        return Preflight(source, tokenizer, prepared)
+    evaluated, stats = validation.prepare(spec, held, prepared, tokenizer)
+    return Preflight(source, tokenizer, prepared, evaluated, stats)
 
 
-def report(stats: data.DataStats) -> str:
+def report(stats: data.DataStats, validation_stats: validation.ValidationStats | None = None) -> str:
     """The human-readable preflight report."""
     example = stats.example
     if len(example) > EXAMPLE_CHARS:
         example = example[:EXAMPLE_CHARS] + f"\n... ({len(stats.example) - EXAMPLE_CHARS} more characters)"
-    return "\n".join(
-        [
-            f"rows:            {stats.rows}",
-            f"tokens per row:  p50 {stats.p50}, p95 {stats.p95}, max {stats.max}",
-            f"truncated:       {stats.truncated} rows ({stats.truncated_share:.1%}) longer than "
-            f"maxSeqLength {stats.max_seq_length}",
-            "first row, rendered:",
-            "-" * 72,
-            example,
-            "-" * 72,
+    lines = [
+        f"rows:            {stats.rows}",
+        f"tokens per row:  p50 {stats.p50}, p95 {stats.p95}, max {stats.max}",
+        f"truncated:       {stats.truncated} rows ({stats.truncated_share:.1%}) longer than "
+        f"maxSeqLength {stats.max_seq_length}",
+    ]
+    if validation_stats is not None:
+        v, t = validation_stats, validation_stats.tokens
+        lines += [
+            f"validation:      {v.source}: {v.available} rows, {t.rows} evaluated",
+            f"  tokens per row p50 {t.p50}, p95 {t.p95}, max {t.max}; {t.truncated} rows truncated; "
+            f"{v.overlap} rows equal a training row",
         ]
-    )
+    return "\n".join([*lines, "first row, rendered:", "-" * 72, example, "-" * 72])

@@ -41,6 +41,17 @@ class ProgressState:
     batch_size: int | None = None
     gradient_accumulation_steps: int | None = None
     batch_plan: str | None = None
+    eval_loss: float | None = None
+    eval_token_accuracy: float | None = None
+    eval_step: int | None = None
+    evals_since_best: int | None = None
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
+    checkpoints: list[dict[str, Any]] | None = None
+    """The kept checkpoints, newest first, with their losses (runner.checkpoint_history)."""
+    best_checkpoint: dict[str, Any] | None = None
+    samples: list[dict[str, Any]] | None = None
+    """First lines of the before/after sample answers, once exported."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def update(self, **changes: Any) -> None:
@@ -71,6 +82,15 @@ class ProgressState:
                 "batchSize": self.batch_size,
                 "gradientAccumulationSteps": self.gradient_accumulation_steps,
                 "batchPlan": self.batch_plan,
+                "evalLoss": self.eval_loss,
+                "evalTokenAccuracy": self.eval_token_accuracy,
+                "evalStep": self.eval_step,
+                "evalsSinceBest": self.evals_since_best,
+                "bestEvalLoss": self.best_eval_loss,
+                "bestEvalStep": self.best_eval_step,
+                "checkpoints": [dict(c) for c in self.checkpoints] if self.checkpoints is not None else None,
+                "bestCheckpoint": dict(self.best_checkpoint) if self.best_checkpoint else None,
+                "samples": [dict(x) for x in self.samples] if self.samples is not None else None,
             }
 
 
@@ -90,6 +110,9 @@ class Metrics:
         self.tokens = Gauge("finetune_trainer_tokens", "Real tokens trained on by this process.", registry=r)
         self.gpu_memory = Gauge(
             "finetune_trainer_gpu_memory_gib", "Peak GPU memory reserved (GiB).", registry=r
+        )
+        self.eval_loss = Gauge(
+            "finetune_trainer_eval_loss", "Latest loss on the validation rows.", registry=r
         )
         self.checkpoint_step = Gauge(
             "finetune_trainer_checkpoint_step", "Step of the newest complete checkpoint.", registry=r
@@ -116,6 +139,7 @@ class Metrics:
             (self.learning_rate, "learningRate"),
             (self.tokens_per_second, "tokensPerSecond"),
             (self.gpu_memory, "gpuMemoryGiB"),
+            (self.eval_loss, "evalLoss"),
         ):
             if state[key] is not None:
                 gauge.set(state[key])

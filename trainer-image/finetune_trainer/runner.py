@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import batching, checkpoints, engines, preflight, summary
+from finetune_trainer import artifacts as art
+from finetune_trainer import batching, checkpoints, curves, engines, preflight, samples, summary, tracking
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ConfigError
 from finetune_trainer.jobfile import Job
 from finetune_trainer.progress import Metrics, ProgressState, port_from_env, start_server
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 FINAL_UPLOAD_TIMEOUT = 1800.0
 """Seconds to wait for the last checkpoint's upload after a finished run."""
+TRACKING_FINISH_TIMEOUT = 60.0
+"""Seconds the tracker may take to flush and close its run at the end (less on SIGTERM)."""
 
 
 @dataclass
@@ -45,6 +49,9 @@ class Context:
     json_lines: bool
     poke: Callable[[], None] = lambda: None
     result: dict[str, Any] = field(default_factory=dict)
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker)
+    tracked_files: list[Path] = field(default_factory=list)
+    """Files attached to the tracking run at the end (loss.png, metrics.jsonl, samples)."""
 
 
 def workdir_from_env() -> tuple[Path, bool]:
@@ -83,6 +90,7 @@ def run(job: Job, device_request: str = "auto", json_lines: bool = True) -> int:
         ctx.result.update(exitReason="error", message=f"{type(e).__name__}: {e}")
         code = 1
     phase = {0: "Succeeded", EXIT_INTERRUPTED: "Interrupted"}.get(code, "Failed")
+    _finish_tracking(ctx, phase.lower() if phase != "Failed" else "failed")
     progress.update(phase=phase)
     ctx.result["wallSeconds"] = round(time.monotonic() - started, 1)
     written = summary.write(build_summary(ctx, progress.snapshot()))
@@ -108,6 +116,15 @@ def _run(ctx: Context, device_request: str) -> int:
         time.monotonic() - started,
         extra={"fields": {"event": "preflight", **stats.as_dict()}},
     )
+    if checked.validation_stats is not None:
+        figures = checked.validation_stats.as_dict()
+        log.info("validation rows", extra={"fields": {"event": "preflight-validation", **figures}})
+        ctx.result["validationRows"] = figures["rowsEvaluated"]
+        if figures["overlapWithTraining"]:
+            log.warning(
+                "%d of the validation rows equal a training row: their eval loss measures memorisation",
+                figures["overlapWithTraining"],
+            )
     device = engines.detect_device(device_request)
     lengths = [len(ids) for ids in checked.data.dataset["input_ids"]]
     plan = _batch_plan(spec, lengths, device, checked.model_source)
@@ -149,6 +166,18 @@ def _run(ctx: Context, device_request: str) -> int:
             extra={"fields": {"event": "resume", "step": None}},
         )
     ctx.result["resumedFromStep"] = resume_ref.step if resume_ref else None
+    if resume_ref is not None:
+        kept = checkpoints.list_complete(store, fingerprint)
+        ctx.progress.update(**_history_fields(kept))
+    ctx.tracker = tracking.open_tracker(
+        spec.tracking,
+        store=store,
+        workdir=ctx.workdir,
+        run_name=spec.tracking.run_name or _job_label(ctx),
+        params=_tracked_params(ctx, fingerprint, plan, device),
+    )
+    metrics_log = curves.MetricsLog(ctx.workdir / curves.FILE_NAME, listeners=[ctx.tracker.record])
+    metrics_log.start(resume_dir, resume_ref.step if resume_ref else None)
     if ctx.stop.is_set():
         ctx.result["exitReason"] = "interrupted"
         return EXIT_INTERRUPTED
@@ -164,6 +193,13 @@ def _run(ctx: Context, device_request: str) -> int:
         time.monotonic() - loading,
         extra={"fields": {"event": "loaded", "seconds": round(time.monotonic() - loading, 2)}},
     )
+    if spec.samples.prompts:
+        generated = samples.record_before(spec, model, tokenizer, store)
+        ctx.result["samplesBefore"] = "generated" if generated else "reused"
+
+    def on_kept(refs: list[checkpoints.CheckpointRef]) -> None:
+        ctx.progress.update(**_history_fields(refs))
+        ctx.poke()
 
     def on_complete(ref: checkpoints.CheckpointRef, seconds: float) -> None:
         ctx.progress.update(checkpoint=_checkpoint_status(ref, seconds), checkpoint_failures=0)
@@ -185,26 +221,56 @@ def _run(ctx: Context, device_request: str) -> int:
         on_complete=on_complete,
         on_failed_attempt=on_failed_attempt,
         last_complete=resume_ref,
+        keep_best=checked.validation is not None,
+        on_kept=on_kept,
     )
-    from finetune_trainer.train import train
+    from finetune_trainer.evaluation import EvaluationCallback
+    from finetune_trainer.train import TrainOutcome, train
 
-    try:
-        outcome = train(
-            spec,
-            model,
-            tokenizer,
-            checked.data.dataset,
-            plan=plan,
-            device=device,
-            output_dir=ctx.workdir / "checkpoints",
-            uploader=uploader,
-            stop=ctx.stop,
-            progress=ctx.progress,
-            metrics=ctx.metrics,
-            json_lines=ctx.json_lines,
-            resume_dir=resume_dir,
-            before_micro_batch=activations,
+    evaluation = (
+        EvaluationCallback(
+            spec.evaluation, stop=ctx.stop, progress=ctx.progress, on_point=lambda _: ctx.poke()
         )
+        if checked.validation is not None
+        else None
+    )
+    adapter_dir = ctx.workdir / "adapter"
+    try:
+        stopped = (resume_ref.trainer_state or {}).get("stopReason") if resume_ref else None
+        if stopped:
+            # This checkpoint ended training early; the pod before this one died exporting.
+            log.info("the checkpoint resumed from ended training early: %s", stopped)
+            checkpoints.download(store, resume_ref, adapter_dir, only=checkpoints.ADAPTER_FILES)
+            outcome = TrainOutcome(
+                interrupted=False,
+                steps=resume_ref.step,
+                total_steps=spec.training.resolved_max_steps or resume_ref.step,
+                final_loss=(resume_ref.trainer_state or {}).get("loss"),
+                tokens=0,
+                train_seconds=0.0,
+                stop_reason=stopped,
+            )
+        else:
+            outcome = train(
+                spec,
+                model,
+                tokenizer,
+                checked.data.dataset,
+                plan=plan,
+                device=device,
+                output_dir=ctx.workdir / "checkpoints",
+                uploader=uploader,
+                stop=ctx.stop,
+                progress=ctx.progress,
+                metrics=ctx.metrics,
+                json_lines=ctx.json_lines,
+                resume_dir=resume_dir,
+                eval_dataset=checked.validation.dataset if checked.validation is not None else None,
+                evaluation=evaluation,
+                observers=(curves.CurvesCallback(metrics_log, ctx.progress),),
+                checkpoint_files=metrics_log.copy_into,
+                before_micro_batch=activations,
+            )
         if activations is not None and activations.kept_range is not None:
             low, high = activations.kept_range
             ctx.result["activationLayersKept"] = {"min": low, "max": high, "of": len(activations.layers)}
@@ -223,19 +289,26 @@ def _run(ctx: Context, device_request: str) -> int:
         )
         if outcome.interrupted:
             return _interrupted(ctx, uploader)
+        if outcome.stop_reason:
+            ctx.result["stopReason"] = outcome.stop_reason
         ctx.progress.update(phase="Exporting")
-        adapter_dir = ctx.workdir / "adapter"
-        model.save_pretrained(adapter_dir)
+        _eval_figures(ctx, metrics_log)
+        if not stopped:
+            model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
+        _pick_adapter(ctx, store, uploader, adapter_dir, outcome.steps)
         base_dir = engines.local_model_dir(checked.model_source, spec.model.revision)
         artifacts = export_artifacts(
             spec, base_dir, adapter_dir, store, workdir=ctx.workdir / "export", device=device
         )
-        ctx.result["artifacts"] = artifacts
+        # The curves after export: export's stages resume from export/state.json, these are
+        # cheap to upload again from the metrics.jsonl the final checkpoint carries.
+        ctx.result["artifacts"] = artifacts + _publish_curves(ctx, store, metrics_log)
         ctx.result["adapterUri"] = next((a["uri"] for a in artifacts if a["name"] == "adapter"), None)
+        _publish_samples(ctx, store)
         if not uploader.wait(FINAL_UPLOAD_TIMEOUT):
             log.warning("the final checkpoint is still uploading after %.0fs", FINAL_UPLOAD_TIMEOUT)
-        ctx.result["exitReason"] = "completed"
+        ctx.result["exitReason"] = "early-stopped" if outcome.stop_reason else "completed"
         log.info(
             "adapter: %s", ctx.result["adapterUri"], extra={"fields": {"event": "done", **_brief(ctx.result)}}
         )
@@ -243,6 +316,137 @@ def _run(ctx: Context, device_request: str) -> int:
     finally:
         _record_checkpoint(ctx, uploader)
         uploader.close(timeout=5)
+
+
+def _job_label(ctx: Context) -> str:
+    """`<namespace>/<name>` of the job, its name on a workstation."""
+    name = ctx.job.name or "job"
+    return f"{ctx.job.namespace}/{name}" if ctx.job.namespace else name
+
+
+def _tracked_params(ctx: Context, fingerprint: str, plan: batching.BatchPlan, device: str) -> dict[str, str]:
+    """The run's parameters: the spec (storage left out: it names buckets, not training) and the
+    facts the trainer decided."""
+    doc = ctx.job.spec.model_dump(by_alias=True, mode="json", exclude_none=True, exclude={"storage"})
+    facts = {
+        "job": _job_label(ctx),
+        "fingerprint": fingerprint,
+        "device": device,
+        "batchSize": plan.batch_size,
+        "gradientAccumulationSteps": plan.gradient_accumulation_steps,
+    }
+    return tracking.flatten_params(doc) | tracking.flatten_params(facts, "trainer.")
+
+
+def _history_fields(refs: list[checkpoints.CheckpointRef]) -> dict[str, Any]:
+    """ProgressState's checkpoint history and best checkpoint from the kept checkpoints."""
+    best = checkpoints.best_by_eval_loss(refs)
+    return {
+        "checkpoints": checkpoints.history(refs),
+        "best_checkpoint": checkpoints.history_entry(best) if best else None,
+    }
+
+
+def _eval_figures(ctx: Context, metrics_log: curves.MetricsLog) -> None:
+    """The eval losses the summary carries: before training, at the end, the best (from
+    metrics.jsonl, which holds the earlier pods' evaluations too)."""
+    from finetune_trainer.evaluation import EvalPoint, trend
+
+    points = [
+        EvalPoint(int(r["step"]), float(r["evalLoss"]), r.get("evalTokenAccuracy"))
+        for r in metrics_log.records
+        if r.get("kind") == "eval" and isinstance(r.get("evalLoss"), int | float)
+    ]
+    if not points:
+        return
+    best = trend(points, ctx.job.spec.evaluation.min_delta).best
+    first = next((p for p in points if p.step == 0), None)
+    ctx.result.update(
+        evalLossBefore=first.loss if first else None,
+        finalEvalLoss=points[-1].loss,
+        finalEvalTokenAccuracy=points[-1].token_accuracy,
+        bestEvalLoss=best.loss if best else None,
+        bestEvalStep=best.step if best else None,
+        evaluations=len(points),
+    )
+
+
+def _pick_adapter(
+    ctx: Context, store: ObjectStore, uploader: checkpoints.CheckpointUploader, adapter_dir: Path, last: int
+) -> None:
+    """Put the weights to export in `adapter_dir`: the last ones (already there) or, with
+    export.fromCheckpoint best, the adapter of the checkpoint with the lowest eval loss."""
+    choice = ctx.job.spec.export.from_checkpoint
+    ctx.result.update(exportedFrom="last", exportedStep=last)
+    if choice != "best":
+        return
+    # The final checkpoint may be the best: its upload must be complete to be compared.
+    if not uploader.wait(FINAL_UPLOAD_TIMEOUT):
+        log.warning("the final checkpoint is still uploading; choosing the best among the others")
+    best = checkpoints.best_by_eval_loss(checkpoints.list_complete(store, uploader.fingerprint))
+    if best is None:
+        log.warning("export.fromCheckpoint best: no evaluated checkpoint; exporting the last weights")
+        ctx.result["exportedFromReason"] = "no evaluated checkpoint"
+        return
+    ctx.result.update(
+        exportedFrom="best", exportedStep=best.step, exportedEvalLoss=checkpoints.eval_loss_of(best)
+    )
+    if best.step != last:
+        for name in checkpoints.ADAPTER_FILES:
+            (adapter_dir / name).unlink(missing_ok=True)
+        checkpoints.download(store, best, adapter_dir, only=checkpoints.ADAPTER_FILES)
+    log.info(
+        "exporting the best checkpoint: step %d, eval loss %.4f",
+        best.step,
+        ctx.result["exportedEvalLoss"],
+        extra={"fields": {"event": "export-from", "step": best.step, "uri": best.uri}},
+    )
+
+
+def _publish_curves(ctx: Context, store: ObjectStore, metrics_log: curves.MetricsLog) -> list[dict[str, Any]]:
+    """metrics.jsonl and loss.png into the artifacts (and to the tracking run)."""
+    png = curves.plot(
+        metrics_log.records, ctx.workdir / curves.PLOT_NAME, f"{_job_label(ctx)}: loss against step"
+    )
+    ctx.tracked_files += [png, metrics_log.path]
+    return [
+        art.public(
+            art.upload_file(store, "metrics", f"{art.ARTIFACTS_PREFIX}{curves.FILE_NAME}", metrics_log.path)
+        ),
+        art.public(art.upload_file(store, "loss-plot", f"{art.ARTIFACTS_PREFIX}{curves.PLOT_NAME}", png)),
+    ]
+
+
+def _publish_samples(ctx: Context, store: ObjectStore) -> None:
+    """The first lines of the sample answers into progress (status shows them)."""
+    records = samples.load_records(store) if ctx.job.spec.samples.prompts else None
+    if records:
+        ctx.progress.update(samples=samples.status_lines(records))
+        local = ctx.workdir / "export" / "artifacts"
+        ctx.tracked_files += [p for p in (local / "samples.md", local / "samples.json") if p.is_file()]
+
+
+def _finish_tracking(ctx: Context, outcome: str) -> None:
+    """Close the tracking run, bounded in time (on SIGTERM within what the grace period leaves)."""
+    if ctx.tracker.kind == "none":
+        return
+    timeout = TRACKING_FINISH_TIMEOUT
+    if outcome == "interrupted":
+        grace = ctx.job.spec.checkpoint.grace_period_seconds
+        timeout = min(timeout, max(1.0, ctx.stop.remaining(grace, grace_margin(grace))))
+    artifacts = ctx.result.get("artifacts") or []
+
+    def finish() -> None:
+        try:
+            ctx.tracker.finish(outcome, artifacts, ctx.tracked_files)
+        except Exception as e:
+            log.warning("tracking: closing the run failed: %s", e)
+
+    worker = threading.Thread(target=finish, name="tracking-finish", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        log.warning("tracking: the run did not close within %.0fs; left as it is", timeout)
 
 
 def _interrupted(ctx: Context, uploader: checkpoints.CheckpointUploader) -> int:

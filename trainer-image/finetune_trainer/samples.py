@@ -8,6 +8,7 @@ has them. Both sides use greedy decoding and the same token budget.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -82,23 +83,44 @@ def generate_samples(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
             model.train()
 
 
-def record_before(spec: TrainingSpec, model: Any, tokenizer: Any, store: ObjectStore) -> None:
-    """Answer the sample prompts with the untrained model and store them, once per job.
+def record_before(spec: TrainingSpec, model: Any, tokenizer: Any, store: ObjectStore) -> bool:
+    """Answer the sample prompts with the base model and store them, once per job; True when this
+    call generated them.
 
-    The trainer calls this before the first training step; on a resumed pod the stored answers are
-    kept (the model it holds is no longer the base)."""
-    if not spec.samples.prompts or load_before(store) is not None:
-        return
+    The trainer calls this before training, on every pod: the first one generates and stores the
+    answers, a resumed one finds them stored and reuses them (what it would generate from the
+    checkpoint is no longer the base model's). The adapter is switched off while generating, so the
+    answers are the base model's even when the adapter does not start as a no-op (LoftQ)."""
+    if not spec.samples.prompts:
+        return False
+    stored = load_before(store)
+    if stored is not None and len(stored) == len(spec.samples.prompts):
+        log.info("samples: the base model's answers were stored by an earlier pod; reused")
+        return False
     prompts = rendered_prompts(spec.template, spec.samples.prompts, tokenizer)
-    answers = generate_samples(model, tokenizer, prompts, spec.samples.max_new_tokens)
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if disable is not None else contextlib.nullcontext():
+        answers = generate_samples(model, tokenizer, prompts, spec.samples.max_new_tokens)
     store.put_bytes(BEFORE_KEY, json.dumps({"prompts": spec.samples.prompts, "answers": answers}).encode())
     log.info("samples: %d answers of the base model stored", len(answers))
+    return True
 
 
 def load_before(store: ObjectStore) -> list[str] | None:
     """The stored answers of the base model, or None when the trainer recorded none."""
     try:
         return list(json.loads(store.get_bytes(BEFORE_KEY))["answers"])
+    except ObjectNotFound:
+        return None
+
+
+RECORDS_KEY = "artifacts/samples.json"
+
+
+def load_records(store: ObjectStore) -> list[dict[str, Any]] | None:
+    """The exported samples (samples.json), or None when there are none."""
+    try:
+        return list(json.loads(store.get_bytes(RECORDS_KEY)))
     except ObjectNotFound:
         return None
 
@@ -137,3 +159,30 @@ def _fenced(text: str) -> str:
     while fence in text:
         fence += "`"
     return f"{fence}text\n{text}\n{fence}"
+
+
+STATUS_SAMPLES = 3
+"""Prompts whose answers status shows (all of them are in samples.json and samples.md)."""
+STATUS_CHARS = 200
+
+
+def first_line(text: str | None, limit: int = STATUS_CHARS) -> str | None:
+    """The first non-empty line of an answer, cut to `limit` characters (None stays None)."""
+    if text is None:
+        return None
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def status_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first lines of the first prompts' answers, as status shows them: before (base model),
+    after (merged model) and each GGUF's."""
+    return [
+        {
+            "prompt": first_line(r["prompt"]),
+            "before": first_line(r["before"]),
+            "after": first_line(r["after"]),
+            **({"gguf": {k: first_line(v) for k, v in r["gguf"].items()}} if r["gguf"] else {}),
+        }
+        for r in records[:STATUS_SAMPLES]
+    ]

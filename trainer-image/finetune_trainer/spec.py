@@ -109,6 +109,56 @@ class ModelSource(Spec):
 
 
 DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv"]
+_SPLIT = r"^[A-Za-z0-9_\-]+(\[[0-9%: \-]*\])?$"
+_DATA_S3 = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+$"
+
+
+class ValidationSource(Spec):
+    """Rows the model is evaluated on and never trained on: exactly one of a held-out fraction of the
+    training rows, a hub split, an S3 object or a local file. A source of its own is read in the
+    same formats and rendered through the same template as the training data (a hub source uses
+    spec.data.tokenSecretRef)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "[has(self.fraction), has(self.hub), has(self.s3), has(self.path)].filter(x, x).size() == 1",
+                "set exactly one of fraction, hub, s3, path",
+            )
+        )
+    )
+
+    fraction: float | None = Field(default=None, gt=0, le=0.5)
+    """Hold out this share of the training rows (more than 0, at most 0.5), picked with `seed`; they
+    are removed from training, so the two sets never overlap."""
+    hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=_HUB_ID)
+    """Data set id on a hub."""
+    s3: str | None = Field(default=None, max_length=1024, pattern=_DATA_S3)
+    """S3 object with the rows, `s3://bucket/key.jsonl`."""
+    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    """Local file with the rows."""
+    config: str | None = Field(default=None, max_length=128)
+    """Hub data set configuration (subset)."""
+    split: str = Field(default="validation", max_length=128, pattern=_SPLIT)
+    """Split with optional slice for hub, s3 and path sources, for example `validation` or
+    `train[-200:]`."""
+    format: DataFormat = "auto"
+    """File format for s3/path sources; `auto` picks it from the file extension."""
+    seed: int = Field(default=3407, ge=0)
+    """Seed that picks the held-out rows of `fraction` and the rows evaluated under `maxRows`."""
+    max_rows: int = Field(default=256, ge=1, le=100000)
+    """Rows evaluated at most per evaluation: the cost bound (a fixed sample, the same every time)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ValidationSource:
+        _exactly_one(self, ("fraction", "hub", "s3", "path"), "data.validation")
+        return self
+
+    @property
+    def source_field(self) -> str:
+        """The spec field naming where the rows come from (for error messages)."""
+        name = next(f for f in ("fraction", "hub", "s3", "path") if getattr(self, f) is not None)
+        return f"spec.data.validation.{name}"
 
 
 class DataSource(Spec):
@@ -120,21 +170,22 @@ class DataSource(Spec):
 
     hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=_HUB_ID)
     """Data set id on a hub, for example `FreedomIntelligence/medical-o1-reasoning-SFT`."""
-    s3: str | None = Field(
-        default=None, max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+$"
-    )
+    s3: str | None = Field(default=None, max_length=1024, pattern=_DATA_S3)
     """S3 object with the rows, `s3://bucket/key.jsonl`."""
     path: str | None = Field(default=None, min_length=1, max_length=4096)
     """Local file with the rows."""
     config: str | None = Field(default=None, max_length=128)
     """Hub data set configuration (subset), for example `en` or `zh`."""
-    split: str = Field(default="train", max_length=128, pattern=r"^[A-Za-z0-9_\-]+(\[[0-9%: \-]*\])?$")
+    split: str = Field(default="train", max_length=128, pattern=_SPLIT)
     """Split with optional slice, as the `datasets` library reads it: `train`, `train[0:500]`,
     `train[:10%]`."""
     format: DataFormat = "auto"
     """File format for s3/path sources; `auto` picks it from the file extension."""
     token_secret_ref: SecretKeyRef | None = None
     """Secret key holding a hub token, for gated or private data sets."""
+    validation: ValidationSource | None = None
+    """Validation data for evaluation loss and token accuracy (spec.evaluation says when); none when
+    unset."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
@@ -320,6 +371,31 @@ class CheckpointPolicy(Spec):
         return self
 
 
+class EvaluationSpec(Spec):
+    """When the model is evaluated on spec.data.validation, and what follows from the results.
+
+    Evaluation runs before the first step, at every checkpoint (so each checkpoint carries its eval
+    loss), every `everySteps` steps when set, and at the end; never on the SIGTERM checkpoint (the
+    grace period is for saving). `patience` evaluations in a row without an improvement of more
+    than `minDelta` over the best eval loss raise an EvalLossWorsening event, and with
+    `earlyStopping` end training (the job Succeeds, saying why)."""
+
+    every_steps: int | None = Field(default=None, ge=0)
+    """Also evaluate every this many optimizer steps; 0 (or null) evaluates only before training, at
+    checkpoints and at the end."""
+    patience: int = Field(default=3, ge=1, le=1000)
+    """Evaluations in a row without improvement that count as getting worse."""
+    min_delta: float = Field(default=0.0, ge=0)
+    """Smallest drop of the eval loss below the best so far that counts as an improvement."""
+    early_stopping: bool = False
+    """Stop training (and export) once the eval loss has not improved for `patience` evaluations."""
+
+    @field_validator("every_steps")
+    @classmethod
+    def _zero_is_off(cls, value: int | None) -> int | None:
+        return value or None
+
+
 class HubPush(Spec):
     """Push the exported artifacts to a model hub (off unless set)."""
 
@@ -346,6 +422,9 @@ class ExportSpec(Spec):
     for q8_0, 0.25 for q4_k_m; docs/export.md); 0 skips the check."""
     push: HubPush | None = None
     """Optional push to a model hub."""
+    from_checkpoint: Literal["last", "best"] = "last"
+    """Which weights to export: `last` (the end of training) or `best`, the checkpoint with the
+    lowest eval loss (needs spec.data.validation; the best checkpoint is kept beyond keepLast)."""
 
 
 class SampleSpec(Spec):
@@ -359,15 +438,51 @@ class SampleSpec(Spec):
     """Tokens generated per answer (greedy decoding)."""
 
 
-class TrackingSpec(Spec):
-    """Optional experiment tracking."""
+_TRACKING_URI = r"^(https?://[^/@\s]+(/\S*)?|file:///\S*)$"
 
-    type: Literal["none", "wandb"] = "none"
+
+class TrackingSpec(Spec):
+    """Experiment tracking: one run per job, continued across preemptions, with the spec as
+    parameters, per-step training and evaluation metrics, and the artifacts' URIs. Credentials come
+    only from Secrets; a URI carries none. Tracking problems are logged and never stop training."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.type != 'mlflow' || has(self.uri)", "type mlflow needs uri", ".uri"),
+            cel(
+                "self.type == 'mlflow' || (!has(self.usernameSecretRef) && !has(self.passwordSecretRef))",
+                "usernameSecretRef and passwordSecretRef are for type mlflow",
+            ),
+        )
+    )
+
+    type: Literal["none", "mlflow", "wandb"] = "none"
     """Tracker to report to."""
-    project: str | None = Field(default=None, max_length=128)
-    """Project name in the tracker."""
+    uri: str | None = Field(default=None, max_length=1024, pattern=_TRACKING_URI)
+    """MLflow: the tracking server, `https://mlflow.example.com` (required). W&B: a self-hosted
+    server's base URL (W&B's cloud when unset). Without user:password@: use the Secret refs."""
+    project: str | None = Field(default=None, min_length=1, max_length=128)
+    """W&B project, MLflow experiment; `finetune-operator` when unset."""
+    run_name: str | None = Field(default=None, min_length=1, max_length=256)
+    """Run name; `<namespace>/<name>` of the job (its name on a workstation) when unset."""
+    entity: str | None = Field(default=None, min_length=1, max_length=128)
+    """W&B entity (user or team); the API key's default when unset."""
     api_key_secret_ref: SecretKeyRef | None = None
-    """Secret key holding the tracker's API key."""
+    """Secret key holding the W&B API key (WANDB_API_KEY) or an MLflow bearer token
+    (MLFLOW_TRACKING_TOKEN). W&B without a key runs offline: the run is stored with the
+    artifacts under tracking/wandb/ for `wandb sync`."""
+    username_secret_ref: SecretKeyRef | None = None
+    """MLflow basic auth: Secret key holding the user name (MLFLOW_TRACKING_USERNAME)."""
+    password_secret_ref: SecretKeyRef | None = None
+    """MLflow basic auth: Secret key holding the password (MLFLOW_TRACKING_PASSWORD)."""
+
+    @model_validator(mode="after")
+    def _needs(self) -> TrackingSpec:
+        if self.type == "mlflow" and self.uri is None:
+            raise ValueError("tracking.uri: type mlflow needs the tracking server's uri")
+        if self.type != "mlflow" and (self.username_secret_ref or self.password_secret_ref):
+            raise ValueError("tracking: usernameSecretRef and passwordSecretRef are for type mlflow")
+        return self
 
 
 class StorageSpec(Spec):
@@ -386,8 +501,25 @@ class StorageSpec(Spec):
     """S3 region."""
 
 
+TRAINING_RULES = (
+    cel(
+        "!self.evaluation.earlyStopping || has(self.data.validation)",
+        "evaluation.earlyStopping needs data.validation",
+        ".evaluation",
+    ),
+    cel(
+        "self.export.fromCheckpoint != 'best' || has(self.data.validation)",
+        "export.fromCheckpoint best needs data.validation (best is by eval loss)",
+        ".export",
+    ),
+)
+"""Rules across sections of the training spec (the FineTuneJob spec carries them too)."""
+
+
 class TrainingSpec(Spec):
     """Everything the trainer needs: `python -m finetune_trainer run job.yaml` reads this part."""
+
+    model_config = ConfigDict(json_schema_extra=validations(*TRAINING_RULES))
 
     model: ModelSource
     """Base model."""
@@ -403,9 +535,20 @@ class TrainingSpec(Spec):
     """Checkpoint policy."""
     export: ExportSpec = Field(default_factory=ExportSpec)
     """Artifacts to produce."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Evaluation schedule, worsening events and early stopping (with data.validation)."""
     samples: SampleSpec = Field(default_factory=SampleSpec)
     """Before/after sample answers."""
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     """Experiment tracking."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """Checkpoint and artifact storage."""
+
+    @model_validator(mode="after")
+    def _evaluation_needs_validation(self) -> TrainingSpec:
+        if self.data.validation is None:
+            if self.evaluation.early_stopping:
+                raise ValueError("evaluation.earlyStopping needs data.validation")
+            if self.export.from_checkpoint == "best":
+                raise ValueError("export.fromCheckpoint best needs data.validation (best is by eval loss)")
+        return self

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer.batching import BatchPlan
+from finetune_trainer.evaluation import record_accuracy
 from finetune_trainer.progress import Metrics, ProgressState
 from finetune_trainer.signals import StopRequest
 from finetune_trainer.spec import TrainingSpec
@@ -110,6 +111,8 @@ class TrainOutcome:
     final_loss: float | None
     tokens: int
     train_seconds: float
+    stop_reason: str | None = None
+    """Why training ended before its last step without being asked to (early stopping)."""
 
 
 def sft_config(spec: TrainingSpec, plan: BatchPlan, device: str, output_dir: Path, precision: str) -> Any:
@@ -141,7 +144,12 @@ def sft_config(spec: TrainingSpec, plan: BatchPlan, device: str, output_dir: Pat
         # The engines turn activation checkpointing on themselves (Unsloth's offloaded variant on CUDA).
         gradient_checkpointing=False,
         save_strategy="no",
-        report_to=["wandb"] if spec.tracking.type == "wandb" else "none",
+        # Evaluation is triggered by EvaluationCallback; only the loss is computed (returning the
+        # logits would gather batch x length x vocabulary floats per row, tens of GiB on an 8B model).
+        per_device_eval_batch_size=plan.batch_size,
+        prediction_loss_only=True,
+        # Tracking is finetune_trainer.tracking's (one run across pods, the spec as parameters).
+        report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -171,11 +179,17 @@ class CheckpointCallback(_Callback):
         stop: StopRequest,
         uploader: Any,
         meter_state: dict[str, Any],
+        facts: Callable[[int], dict[str, Any]] = lambda step: {},
+        add_files: Callable[[Path], None] = lambda folder: None,
     ) -> None:
         self.policy = spec.checkpoint
         self.stop = stop
         self.uploader = uploader
         self.meter_state = meter_state
+        self.facts = facts
+        """Extra facts for the checkpoint's manifest (its eval loss), by step."""
+        self.add_files = add_files
+        """Puts extra files into a checkpoint folder before it is uploaded (metrics.jsonl)."""
         self.last_save = time.monotonic()
         self.saved: list[int] = []
 
@@ -199,6 +213,7 @@ class CheckpointCallback(_Callback):
         if not folder.is_dir():
             log.error("checkpoint folder %s was not written; not uploaded", folder)
             return
+        self.add_files(folder)
         self.uploader.submit(
             state.global_step,
             folder,
@@ -206,6 +221,7 @@ class CheckpointCallback(_Callback):
                 "globalStep": state.global_step,
                 "epoch": state.epoch,
                 "loss": self.meter_state.get("loss"),
+                **self.facts(state.global_step),
             },
         )
         shutil.rmtree(folder, ignore_errors=True)  # staged by the uploader; no local copy kept
@@ -345,11 +361,18 @@ def train(
     json_lines: bool,
     resume_dir: Path | None,
     before_micro_batch: Callable[[int], None] | None = None,
+    eval_dataset: Any = None,
+    evaluation: Any = None,
+    observers: tuple[Any, ...] = (),
+    checkpoint_files: Callable[[Path], None] = lambda folder: None,
 ) -> TrainOutcome:
     """Run SFTTrainer to the end or until `stop` is set; the last checkpoint is submitted either way.
 
     `before_micro_batch(tokens)` runs before each micro-batch's forward pass with the micro-batch's
-    size in tokens (padding included): the CUDA engine's activation plan (engines.cuda)."""
+    size in tokens (padding included): the CUDA engine's activation plan (engines.cuda). With
+    `eval_dataset`, `evaluation` (an evaluation.EvaluationCallback) schedules evaluations and may
+    stop early; `observers` are further callbacks (curves, tracking); `checkpoint_files` adds files
+    to each checkpoint before upload."""
     import torch
     from transformers import PrinterCallback, Trainer
     from transformers import ProgressCallback as HFProgressCallback
@@ -372,25 +395,46 @@ def train(
             meter.add_loss(loss)
             return loss
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
             # TRL 1.15 computes the loss through a fused LM head whose kernels are Triton, GPU only.
             # On the CPU the model's own causal-LM loss is the same sum of token NLLs over
-            # num_items_in_batch; TRL's extra metrics (entropy, token accuracy) are skipped.
+            # num_items_in_batch; TRL's extra metrics (entropy, token accuracy) are skipped in
+            # training, and the token accuracy is computed from the logits when evaluating.
+            kw = {"num_items_in_batch": num_items_in_batch}
             if device == "cuda":
-                return super().compute_loss(model, inputs, *rest, **kw)
-            return Trainer.compute_loss(self, model, inputs, *rest, **kw)
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, **kw)
+            if self.model.training or "labels" not in inputs:
+                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, **kw)
+            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True, **kw)
+            record_accuracy(self._metrics["eval"], outputs.logits, inputs["labels"])
+            return (loss, outputs) if return_outputs else loss
 
     progress_cb = ProgressCallback(progress, meter, json_lines, device, metrics)
     checkpoint_cb = CheckpointCallback(
-        spec, stop=stop, uploader=uploader, meter_state=progress_cb.meter_state
+        spec,
+        stop=stop,
+        uploader=uploader,
+        meter_state=progress_cb.meter_state,
+        facts=evaluation.checkpoint_facts if evaluation is not None else (lambda step: {}),
+        add_files=checkpoint_files,
     )
+    # Order matters: the evaluation callback reads the checkpoint callback's decision to save.
+    callbacks = [progress_cb, checkpoint_cb, *([evaluation] if evaluation is not None else []), *observers]
+    args.eval_on_start = evaluation is not None and resume_dir is None  # the base model's eval loss
 
     trainer = MeteredSFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset if evaluation is not None else None,
         processing_class=tokenizer,
-        callbacks=[progress_cb, checkpoint_cb],
+        callbacks=callbacks,
     )
     adapters_to_fp32(trainer.model)
     trainer.remove_callback(PrinterCallback)
@@ -414,4 +458,5 @@ def train(
         final_loss=progress_cb.meter_state.get("loss"),
         tokens=meter.total_tokens,
         train_seconds=seconds,
+        stop_reason=evaluation.reason if evaluation is not None else None,
     )
