@@ -18,7 +18,8 @@
 #             to the first step from the cached 4-bit weights
 #   engines, varlen, export: bare Unsloth and HF + PEFT + bnb at the seeds' config; the varlen
 #             attention kernel check; the export alone (EXPORT_QUANT="q8_0 q4_k_m" adds types)
-# Figures land in $OUT: latest.json, results.json, results.md, plot.png, pytest-gpu.txt, logs.tgz.
+# Figures land in $OUT: latest.json, results.json, results.md, plot.png, pytest-gpu.txt, logs.tgz,
+# rewritten after every stage.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/bench-out}
@@ -37,7 +38,25 @@ export PYTHONPATH=/tmp/site LLAMA_CPP_DIR=/tmp/llama.cpp-0.3.36
 B=benchmarks/gpu
 log() { echo "== $(date -u +%H:%M:%S) $*"; }
 # A failing step is reported and the stage goes on: one broken measurement must not hide the others.
-step() { log "$1"; shift; "$@" || echo "!! FAILED ($?): $*"; }
+# Each step ends by STAGE_TIMEOUT seconds (default 400) and the whole call by the wall-clock second
+# DEADLINE (seconds since the epoch; default none), so that a call never runs past the device's limit
+# and the figures of the finished stages always come back.
+# Seconds a step may take: STAGE_TIMEOUT, or less where DEADLINE is nearer.
+budget() {
+    local left=${STAGE_TIMEOUT:-400}
+    if [ -n "${DEADLINE:-}" ]; then
+        local rest=$((DEADLINE - $(date +%s)))
+        [ "$rest" -lt "$left" ] && left=$rest
+    fi
+    echo "$left"
+}
+step() {
+    local name=$1 left; left=$(budget); shift
+    [ "$left" -lt 30 ] && { echo "!! SKIPPED (deadline): $name"; return 0; }
+    log "$name (at most ${left}s)"
+    timeout --signal=TERM --kill-after=15 "$left" "$@" || echo "!! FAILED ($?): $name"
+}
+report() { python3 $B/report.py "$RES" "$OUT" | tail -40; keep_logs; }
 # $OUT takes 8 files: the report's four, pytest-gpu.txt, and everything else in logs.tgz (the raw
 # result files, profiler tables, trainer logs).
 keep_logs() {
@@ -69,9 +88,9 @@ PY
 for stage in "$@"; do
     case $stage in
     pytest)
-        log "pytest tests/gpu"
+        log "pytest tests/gpu (at most $(budget)s)"
         set +e
-        PYTHONPATH=tests:trainer-image:/tmp/site timeout 420 python3 -m pytest tests/gpu -m gpu --noconftest \
+        PYTHONPATH=tests:trainer-image:/tmp/site timeout "$(budget)" python3 -m pytest tests/gpu -m gpu --noconftest \
             -p no:cacheprovider -rA -s 2>&1 | tee "$RES/pytest-gpu.txt" | grep -E "passed|failed|PASSED|FAILED|ERROR|difference"
         set -e
         cp "$RES/pytest-gpu.txt" "$OUT/"
@@ -104,5 +123,5 @@ for stage in "$@"; do
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac
+    log "report after $stage"; report  # after every stage: a call cut short still returns the rest
 done
-log "report"; python3 $B/report.py "$RES" "$OUT" | tail -40
