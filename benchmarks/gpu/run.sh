@@ -6,7 +6,7 @@
 # Every stage rebuilds what it needs when it is missing (/tmp survives between calls while the
 # machine is warm), and the report is rebuilt from all results so far at the end.
 # Stages:
-#   pytest    tests/gpu (marker gpu): the CUDA path on a tiny model; output -> results/pytest-gpu.txt
+#   pytest    tests/gpu (marker gpu): the CUDA path on a tiny model (PYTEST_ARGS="-k x" for some); -> pytest-gpu.txt
 #   ours      8B shape, our trainer's executions in one process (bench_ours.py): the seeds' 8-row
 #             recipe run as written (literal 2 x 4) and as the trainer chooses (auto), both length
 #             distributions, large steps, the profile of an 8-row alpaca step
@@ -91,7 +91,7 @@ for stage in "$@"; do
         log "pytest tests/gpu (at most $(budget)s)"
         set +e
         PYTHONPATH=tests:trainer-image:/tmp/site timeout "$(budget)" python3 -m pytest tests/gpu -m gpu --noconftest \
-            -p no:cacheprovider -rA -s 2>&1 | tee "$RES/pytest-gpu.txt" | grep -E "passed|failed|PASSED|FAILED|ERROR|difference"
+            -p no:cacheprovider -rA -s ${PYTEST_ARGS:-} 2>&1 | tee "$RES/pytest-gpu.txt" | grep -E "passed|failed|PASSED|FAILED|ERROR|difference"
         set -e
         cp "$RES/pytest-gpu.txt" "$OUT/"
         ;;
