@@ -27,7 +27,7 @@ KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.19.0
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
 PROMETHEUS_VERSION=v0.316.0   # Go module version of Prometheus 3.16.0
-CONSUMERS=(argocd-health)
+CONSUMERS=(argocd-health ollama-modelfile)
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}"
