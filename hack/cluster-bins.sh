@@ -14,10 +14,14 @@
 # Then the programs that consume this repository's files, so that tests run the real parser or
 # engine (tests/consumers.py): into $FINETUNE_CACHE/consumers/bin, each rebuilt when its stamp (the
 # pinned version, or a hash of its source under hack/consumers/) changes, all sharing one GOCACHE
-# kept in $FINETUNE_CACHE/consumers/gocache (about 0.5 GiB). Cold build times on 2 cores:
-#   promtool          Prometheus v3.16.0's cmd/promtool, SD plugins left out         ~XXs
-#   argocd-health     hack/consumers/argocd-health: gopher-lua opened as Argo CD's    ~12s
-#   ollama-modelfile  hack/consumers/ollama-modelfile: Ollama's parser and template   ~XXs
+# kept in $FINETUNE_CACHE/consumers/gocache (0.85 GiB after all three). Cold build times on 2 cores
+# (2026-12-02, measured with other builds running, so upper bounds):
+#   promtool          Prometheus v3.16.0's cmd/promtool, SD plugins left out    172s (with module
+#                     downloads; its discovery/kubernetes import keeps client-go in)
+#   argocd-health     hack/consumers/argocd-health: gopher-lua opened as Argo     12s (3s once the
+#                     CD's util/lua opens it                                       stdlib is cached)
+#   ollama-modelfile  hack/consumers/ollama-modelfile: Ollama's parser and        11s
+#                     template packages
 # `hack/cluster-bins.sh consumers` builds only these (the tests call it; instant when up to date).
 set -euo pipefail
 
