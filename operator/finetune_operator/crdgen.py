@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -85,22 +87,35 @@ def describe(text: str) -> str:
     return "\n\n".join(p for p in paragraphs if p)
 
 
-def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
-    """Translate one pydantic JSON schema node into a structural OpenAPI v3.0 schema node."""
+def structural(node: Schema, defs: dict[str, Schema], shared: frozenset[str] = frozenset()) -> Schema:
+    """Translate one pydantic JSON schema node into a structural OpenAPI v3.0 schema node.
+
+    `shared`: the models used by more than one field. A field of a model used only there is
+    described by the model's docstring alone; the field's own one-line docstring restates it.
+    """
     node = dict(node)
     if "$ref" in node:
-        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
-        return _merge(structural(target, defs), node)
+        name = node.pop("$ref").rsplit("/", 1)[-1]
+        if _describes_itself(name, defs, shared):
+            node.pop("description", None)
+        return _merge(structural(defs[name], defs, shared), node)
     if "anyOf" in node:
         variants = [v for v in node.pop("anyOf") if v.get("type") != "null"]
         nullable = node.get("default") is not None
         if len(variants) == 1:
-            out = _merge(structural(variants[0], defs), node)
+            ref = variants[0].get("$ref", "").rsplit("/", 1)[-1]
+            if ref and _describes_itself(ref, defs, shared):
+                node.pop("description", None)
+            out = _merge(structural(variants[0], defs, shared), node)
             # Null must stay expressible when it means something other than "unset" (the default):
             # for example checkpoint.everySteps: null turns step checkpoints off.
             return {**out, "nullable": True} if nullable else out
-        return _union(variants, node, defs)
-    return _merge(_typed(node, defs), {})
+        return _union(variants, node, defs, shared)
+    return _merge(_typed(node, defs, shared), {})
+
+
+def _describes_itself(name: str, defs: dict[str, Schema], shared: frozenset[str]) -> bool:
+    return name not in shared and bool(defs[name].get("description"))
 
 
 def _merge(inner: Schema, outer: Schema) -> Schema:
@@ -118,7 +133,7 @@ def _merge(inner: Schema, outer: Schema) -> Schema:
     return out
 
 
-def _typed(node: Schema, defs: dict[str, Schema]) -> Schema:
+def _typed(node: Schema, defs: dict[str, Schema], shared: frozenset[str] = frozenset()) -> Schema:
     out: Schema = {}
     if "description" in node:
         out["description"] = describe(node["description"])
@@ -136,13 +151,15 @@ def _typed(node: Schema, defs: dict[str, Schema]) -> Schema:
         out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
     out.update({k: v for k, v in node.items() if k.startswith("x-kubernetes-")})
     if "items" in node:
-        out["items"] = structural(node["items"], defs)
+        out["items"] = structural(node["items"], defs, shared)
     if "properties" in node:
-        out["properties"] = {name: structural(prop, defs) for name, prop in node["properties"].items()}
+        out["properties"] = {
+            name: structural(prop, defs, shared) for name, prop in node["properties"].items()
+        }
         if node.get("required"):
             out["required"] = list(node["required"])
     elif isinstance(node.get("additionalProperties"), dict):
-        values = structural(node["additionalProperties"], defs)
+        values = structural(node["additionalProperties"], defs, shared)
         if values.get("x-kubernetes-preserve-unknown-fields"):
             # A map of mixed scalars has no structural value schema: keep the map, untyped.
             out.pop("maxProperties", None)
@@ -152,15 +169,15 @@ def _typed(node: Schema, defs: dict[str, Schema]) -> Schema:
     return out
 
 
-def _union(variants: list[Schema], node: Schema, defs: dict[str, Schema]) -> Schema:
+def _union(variants: list[Schema], node: Schema, defs: dict[str, Schema], shared: frozenset[str]) -> Schema:
     """`int | Literal[...]` -> int-or-string with a CEL rule; mixed scalars -> untyped."""
     types = {v.get("type") for v in variants}
-    out = _typed(node, defs)
+    out = _typed(node, defs, shared)
     if types != {"integer", "string"} or not all(
         "enum" in v or "const" in v for v in variants if v["type"] == "string"
     ):
         return {**out, "x-kubernetes-preserve-unknown-fields": True}
-    integer = structural(next(v for v in variants if v["type"] == "integer"), defs)
+    integer = structural(next(v for v in variants if v["type"] == "integer"), defs, shared)
     words = [w for v in variants if v["type"] == "string" for w in v.get("enum", [v.get("const")])]
     lo, hi = integer.get("minimum"), integer.get("maximum")
     int_rule = " && ".join(
@@ -182,7 +199,8 @@ def _union(variants: list[Schema], node: Schema, defs: dict[str, Schema]) -> Sch
 def object_schema(model: type[BaseModel]) -> Schema:
     """The structural schema of one model, every `$ref` inlined."""
     schema = json_schema(model)
-    return structural(schema, schema.get("$defs", {}))
+    refs = Counter(re.findall(r'"\$ref": "#/\$defs/([^"]+)"', json.dumps(schema)))
+    return structural(schema, schema.get("$defs", {}), frozenset(n for n, c in refs.items() if c > 1))
 
 
 def openapi_schema() -> Schema:
@@ -210,7 +228,7 @@ def openapi_schema() -> Schema:
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
     {
-        "name": "Progress",
+        "name": "Progress %",
         "type": "integer",
         "jsonPath": ".status.progress.percent",
         "description": "Percent of the planned optimizer steps done.",
@@ -243,8 +261,8 @@ PRINTER_COLUMNS = [
     {
         "name": "Model",
         "type": "string",
-        "jsonPath": ".spec.model.hub",
-        "description": "Base model (hub id).",
+        "jsonPath": ".spec.model['hub','s3','path']",
+        "description": "Base model: its hub id, S3 prefix or path (the one set).",
         "priority": 1,
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -275,11 +293,29 @@ def crd() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": ordered(openapi_schema())},
+                    "schema": {"openAPIV3Schema": ordered(explained(openapi_schema()))},
                 }
             ],
         },
     }
+
+
+def explained(node: Schema) -> Schema:
+    """Each field's default and bounds added to its description: `kubectl explain` shows only the
+    description and type. (The API reference has columns for them and reads the schema itself.)"""
+    out = dict(node)
+    default = node.get("default")
+    facts = [f"default {_default(default)}"] if "default" in node and not isinstance(default, dict) else []
+    facts += [c for c in [_constraints(node, required=False)] if c]
+    if facts and "description" in node:
+        text = "; ".join(facts)
+        out["description"] = f"{node['description']}\n\n{text[0].upper()}{text[1:]}."
+    if "properties" in node:
+        out["properties"] = {k: explained(v) for k, v in node["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            out[key] = explained(node[key])
+    return out
 
 
 def ordered(node: Any, properties: bool = False) -> Any:

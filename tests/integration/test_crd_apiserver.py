@@ -84,12 +84,55 @@ def apply(kube: Any, obj: dict[str, Any], *extra: str) -> Any:
 def test_explain_prints_the_model_docstrings(kube: Any) -> None:
     spec = kube.kubectl("explain", "ftj.spec").stdout
     assert "Desired state of a FineTuneJob" in spec
-    assert "lora <Object> Adapter shape." in " ".join(spec.split())
+    assert "lora <Object> LoRA adapter shape (PEFT)." in " ".join(spec.split())
     r = " ".join(kube.kubectl("explain", "ftj.spec.lora.r").stdout.split())
     assert "FIELD: r <integer>" in r
     assert "Rank of the low-rank update." in r
     batch = " ".join(kube.kubectl("explain", "ftj.spec.training.batchSize").stdout.split())
     assert "FIELD: batchSize <integer>" in batch and "microBatches: auto" in batch
+
+
+def explain(kube: Any, field: str) -> str:
+    return " ".join(kube.kubectl("explain", f"ftj.{field}").stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("field", "facts"),
+    [
+        ("spec.model.maxSeqLength", "Default `2048`; >= 64, <= 131072."),
+        ("spec.lora.r", "Default `16`; >= 1, <= 1024."),
+        ("spec.model.hub", "Length >= 1; length <= 256;"),
+        ("spec.training.learningRate", "Default `0.0002`; > 0"),
+        ("spec.checkpoint.everySteps", "null allowed"),
+    ],
+)
+def test_explain_shows_defaults_and_ranges(kube: Any, field: str, facts: str) -> None:
+    assert facts in explain(kube, field)
+
+
+def _objects(node: dict[str, Any], path: str) -> list[str]:
+    found = []
+    for name, prop in node.get("properties", {}).items():
+        item = prop.get("items", prop)
+        if "properties" in item:
+            found += [f"{path}.{name}", *_objects(item, f"{path}.{name}")]
+    return found
+
+
+def test_explain_descriptions_do_not_repeat_themselves(kube: Any) -> None:
+    """Each object field's DESCRIPTION, as kubectl prints it: no paragraph restating another."""
+    root = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    fields = _objects(root["properties"]["spec"], "spec") + _objects(root["properties"]["status"], "status")
+    assert len(fields) > 20
+    for field in fields:
+        out = kube.kubectl("explain", f"ftj.{field}").stdout
+        description = out.split("DESCRIPTION:", 1)[1].split("FIELDS:", 1)[0]
+        paragraphs = [" ".join(p.split()).lower() for p in description.split("\n\n") if p.strip()]
+        for i, a in enumerate(paragraphs):
+            for b in paragraphs[i + 1 :]:
+                words_a, words_b = set(a.rstrip(".").split()), set(b.rstrip(".").split())
+                overlap = len(words_a & words_b) / min(len(words_a), len(words_b))
+                assert overlap < 0.6, f"{field}: {a!r} restates {b!r}"
 
 
 def examples() -> list[Path]:
@@ -251,11 +294,29 @@ def test_printer_columns(kube: Any) -> None:
         json.dumps({"status": {**status, "preemptions": 1}}),
     )
     lines = kube.kubectl("get", "ftj", "columns", "-n", kube.namespace).stdout.splitlines()
-    assert lines[0].split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "EVAL", "LOSS", "PREEMPTIONS", "AGE"]
+    header = ["NAME", "PHASE", "PROGRESS", "%", "LOSS", "EVAL", "LOSS", "PREEMPTIONS", "AGE"]
+    assert lines[0].split() == header
     assert lines[1].split()[:6] == ["columns", "Running", "41", "1.234", "1.5", "1"]
     wide = kube.kubectl("get", "ftj", "columns", "-n", kube.namespace, "-o", "wide").stdout.splitlines()
-    header = ["NAME", "PHASE", "PROGRESS", "STEP", "LOSS", "EVAL", "LOSS", "PREEMPTIONS", "MODEL", "AGE"]
+    header = ["NAME", "PHASE", "PROGRESS", "%", "STEP", "LOSS", "EVAL", "LOSS", "PREEMPTIONS", "MODEL", "AGE"]
     assert wide[0].split() == header
     assert "unsloth/Qwen3-8B" in wide[1]
     # Short name and category: `kubectl get all` lists FineTuneJobs too.
     assert "finetunejob.finetune.dev/columns" in kube.kubectl("get", "all", "-n", kube.namespace).stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ({"path": "/models/qwen3-8b"}, "/models/qwen3-8b"),
+        ({"s3": "s3://models/qwen3-8b/"}, "s3://models/qwen3-8b/"),
+    ],
+    ids=["path", "s3"],
+)
+def test_model_column_shows_path_and_s3_models(kube: Any, source: dict[str, str], shown: str) -> None:
+    name = f"model-{next(iter(source))}"
+    result = apply(kube, manifest(name, {"model": {"hub": DROP, **source}}))
+    assert result.returncode == 0, result.stderr
+    wide = kube.kubectl("get", "ftj", name, "-n", kube.namespace, "-o", "wide").stdout.splitlines()
+    start = wide[0].index("MODEL")  # columns are aligned; empty cells (no status yet) print nothing
+    assert wide[1][start:].split()[0] == shown

@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import consumers
 import pytest
 from finetune_trainer.gguf import LOG_PROB_TOLERANCE
+from finetune_trainer.spec import PromptTemplate
+from finetune_trainer.templates import render_prompt
 from s3server import TEST_CREDENTIALS, start_moto_server
 from trainer_fixtures import build_tokenizer
 
@@ -196,9 +199,20 @@ def test_export_adapter_merged_and_verified_gguf_to_s3(
     assert merged[name].dtype == original[name].dtype
     assert not merged[name].equal(original[name])
 
+    # The Modelfile as Ollama reads it: one turn is the prompt the export's answers were made from.
     modelfile = (out / "model-q8_0.Modelfile").read_text()
     assert modelfile.startswith("FROM ./model-q8_0.gguf\n")
-    assert "### Instruction:\n{{ .Prompt }}" in modelfile and 'PARAMETER stop "</s>"' in modelfile
+    request = [{"modelfile": modelfile, "conversations": [[{"role": "user", "content": PROMPTS[0]}]]}]
+    done = subprocess.run(
+        [consumers.binary("ollama-modelfile")],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (ollama,) = json.loads(done.stdout)
+    assert ollama["prompts"] == [render_prompt(PromptTemplate(), PROMPTS[0])]
+    assert ollama["parameters"]["stop"] == ["</s>", "### Instruction:"]
 
     records = json.loads(client.get_object(Bucket=BUCKET, Key="job-a/artifacts/samples.json")["Body"].read())
     assert [r["prompt"] for r in records] == PROMPTS

@@ -266,7 +266,16 @@ class Export:
 
     def modelfile(self, quant: str, gguf_name: str) -> dict[str, Any]:
         tok = self.tokenizer
-        text = modelfile_for(self.spec.template, gguf_name, tok.eos_token, samples.chat_renderer(tok))
+        # llama.cpp (so Ollama) puts a BOS before the prompt when the model's tokenizer does; the
+        # converter takes that from the same tokenizer config, so ask the tokenizer.
+        adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+        text = modelfile_for(
+            self.spec.template,
+            gguf_name,
+            tok.eos_token,
+            samples.chat_renderer(tok),
+            bos_token=tok.bos_token if adds_bos else None,
+        )
         path = self.local(f"artifacts/model-{quant}.Modelfile")
         path.write_text(text)
         return art.upload_file(self.store, f"modelfile-{quant}", f"artifacts/{path.name}", path)

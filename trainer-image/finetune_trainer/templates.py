@@ -129,15 +129,21 @@ def render_prompt(template: PromptTemplate, prompt: str, chat: ChatRenderer | No
     return fmt.format(**{**dict.fromkeys(names, ""), names[0]: prompt})
 
 
+def preamble(template: PromptTemplate) -> str | None:
+    """The text before every example (alpaca, r1-reasoning): systemPrompt or the family's own."""
+    if template.system_prompt is not None and template.type in ("alpaca", "r1-reasoning"):
+        return template.system_prompt
+    return {"alpaca": ALPACA_PREAMBLE, "r1-reasoning": R1_PREAMBLE}.get(template.type)
+
+
 def _alpaca(template: PromptTemplate, instruction: str, input_: str, output: str) -> str:
-    preamble = template.system_prompt if template.system_prompt is not None else ALPACA_PREAMBLE
-    return f"{preamble}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input_}\n\n### Response:\n{output}"
+    head = f"{preamble(template)}\n\n### Instruction:\n{instruction}"
+    return f"{head}\n\n### Input:\n{input_}\n\n### Response:\n{output}"
 
 
 def _r1(template: PromptTemplate, question: str) -> str:
     """Everything up to and including the opening `<think>` line (the Unsloth R1 tutorial's layout)."""
-    preamble = template.system_prompt if template.system_prompt is not None else R1_PREAMBLE
-    return f"{preamble}\n\n### Question:\n{question}\n\n### Response:\n<think>\n"
+    return f"{preamble(template)}\n\n### Question:\n{question}\n\n### Response:\n<think>\n"
 
 
 def _messages(template: PromptTemplate, value: Any, column: str) -> list[dict[str, str]]:

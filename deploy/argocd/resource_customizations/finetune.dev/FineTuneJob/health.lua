@@ -1,7 +1,26 @@
 -- Argo CD health check for finetune.dev/FineTuneJob (deploy/argocd/README in docs/gitops.md).
 -- Pending/Running -> Progressing, Succeeded -> Healthy, Failed -> Degraded, Suspended -> Suspended.
 -- Status not yet written, or written for an older generation of the spec -> Progressing.
+-- Installed in argocd-cm, Argo CD runs it without Lua's string and math libraries (useOpenLibs off),
+-- so numbers are formatted with arithmetic, tostring and `..` only.
 local hs = {}
+
+local function int(x)
+  return tostring(x - x % 1)
+end
+
+local function fixed4(x)
+  if x < 0 then
+    return "-" .. fixed4(-x)
+  end
+  local scaled = x * 10000 + 0.5
+  scaled = scaled - scaled % 1
+  local frac = tostring(scaled % 10000)
+  while #frac < 4 do
+    frac = "0" .. frac
+  end
+  return int(scaled / 10000) .. "." .. frac
+end
 
 local function progress_text(p)
   if p == nil or p.step == nil then
@@ -9,16 +28,15 @@ local function progress_text(p)
   end
   local text
   if p.totalSteps ~= nil and p.totalSteps > 0 then
-    text = string.format("step %d/%d (%d%%)", math.floor(p.step), math.floor(p.totalSteps),
-      math.floor(100 * p.step / p.totalSteps))
+    text = "step " .. int(p.step) .. "/" .. int(p.totalSteps) .. " (" .. int(100 * p.step / p.totalSteps) .. "%)"
   else
-    text = string.format("step %d", math.floor(p.step))
+    text = "step " .. int(p.step)
   end
   if p.loss ~= nil then
-    text = text .. string.format(", loss %.4f", p.loss)
+    text = text .. ", loss " .. fixed4(p.loss)
   end
   if p.etaSeconds ~= nil then
-    text = text .. string.format(", ETA %dm", math.floor((p.etaSeconds + 59) / 60))
+    text = text .. ", ETA " .. int((p.etaSeconds + 59) / 60) .. "m"
   end
   return text
 end
@@ -33,7 +51,7 @@ end
 local generation = obj.metadata.generation
 if generation ~= nil and status.observedGeneration ~= nil and status.observedGeneration < generation then
   hs.status = "Progressing"
-  hs.message = string.format("Waiting for the operator to observe generation %d", math.floor(generation))
+  hs.message = "Waiting for the operator to observe generation " .. int(generation)
   return hs
 end
 
@@ -52,7 +70,7 @@ elseif phase == "Running" then
   hs.status = "Progressing"
   hs.message = progress_text(status.progress) or message or "Running"
   if status.preemptions ~= nil and status.preemptions > 0 then
-    hs.message = hs.message .. string.format(" (preempted %d times)", math.floor(status.preemptions))
+    hs.message = hs.message .. " (preempted " .. int(status.preemptions) .. " times)"
   end
 elseif phase == "Pending" then
   hs.status = "Progressing"
