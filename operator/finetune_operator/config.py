@@ -37,6 +37,59 @@ class StorageDefaults(_Model):
     """Secret (in the job's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
 
 
+class Allowances(_Model):
+    """What jobs may name beyond the platform's defaults, platform-wide (`policy`) or for one
+    namespace (`policy.namespaces.<name>`, added to the platform-wide lists). Every list is empty by
+    default: a job then runs only the default image as the default ServiceAccount, stores under
+    `<storage.uri>/<namespace>/<name>/` at the default endpoint, and reads S3 models and data only
+    under its namespace's own prefix `<storage.uri>/<namespace>/`."""
+
+    images: list[str] = Field(default_factory=list)
+    """Trainer images `spec.image` may name besides defaultImage: exact references, or
+    `repository:*` for any tag or digest of one repository."""
+    service_accounts: list[str] = Field(default_factory=list)
+    """ServiceAccounts `spec.serviceAccountName` may name besides `trainerServiceAccount`."""
+    storage_uris: list[str] = Field(default_factory=list)
+    """`s3://bucket/prefix` values `spec.storage.uri` may be at or under (a team's own bucket); the
+    job still gets `<namespace>/<name>/` below it. Jobs may read models and data there too."""
+    model_prefixes: list[str] = Field(default_factory=list)
+    """`s3://bucket/prefix` under which `spec.model.s3` may read (the platform's base models)."""
+    data_prefixes: list[str] = Field(default_factory=list)
+    """`s3://bucket/prefix` under which `spec.data.s3` and `spec.data.validation.s3` may read."""
+    endpoints: list[str] = Field(default_factory=list)
+    """S3 endpoints `spec.storage.endpoint` may name besides storage.endpoint."""
+    credentials_secrets: list[str] = Field(default_factory=list)
+    """Secrets of the job's namespace `spec.storage.credentialsSecret` may name (a team's private
+    bucket); none by default, so a job cannot swap the platform's storage credentials."""
+
+    @field_validator("storage_uris", "model_prefixes", "data_prefixes")
+    @classmethod
+    def _s3_prefixes(cls, prefixes: list[str]) -> list[str]:
+        for i, prefix in enumerate(prefixes):
+            if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", prefix):
+                raise ValueError(f"[{i}]: {prefix!r} is not an s3://bucket/prefix URI")
+        return prefixes
+
+
+class Policy(Allowances):
+    """The platform's allowlists (finetune_operator.admission applies them)."""
+
+    namespaces: dict[str, Allowances] = Field(default_factory=dict)
+    """Further allowances for the jobs of one namespace, by namespace name."""
+
+    def for_namespace(self, namespace: str) -> Allowances:
+        """The platform-wide lists plus the namespace's own."""
+        extra = self.namespaces.get(namespace)
+        if extra is None:
+            return Allowances.model_validate(self.model_dump(exclude={"namespaces"}))
+        return Allowances(
+            **{
+                name: [*getattr(self, name), *getattr(extra, name)]
+                for name in Allowances.model_fields
+            }
+        )
+
+
 class Ports(_Model):
     """TCP ports the operator listens on (all interfaces)."""
 
@@ -77,6 +130,11 @@ class OperatorConfig(_Model):
     """Trainer argv; it reads the job manifest from the file the pod's downward-API volume writes."""
     storage: StorageDefaults = Field(default_factory=StorageDefaults)
     """Storage defaults."""
+    trainer_service_account: str | None = None
+    """ServiceAccount of every training pod whose job names none (the namespace's `default` when
+    unset); it needs no Kubernetes API access."""
+    policy: Policy = Field(default_factory=Policy)
+    """What jobs may name beyond the defaults: images, ServiceAccounts, storage, S3 sources."""
     default_node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels every training pod must match; a job's own nodeSelector wins per key."""
     default_tolerations: list[dict[str, Any]] = Field(default_factory=list)
@@ -94,6 +152,11 @@ class OperatorConfig(_Model):
     """Base URL at which training pods reach the operator's progress endpoint (the Service)."""
     report_interval_seconds: float = Field(default=5.0, gt=0)
     """How often the trainer posts progress."""
+    report_rate_per_second: float = Field(default=10.0, gt=0)
+    """Progress requests accepted per second from one source address (after a burst of
+    reportBurst); more get 429 before any TokenReview is made."""
+    report_burst: int = Field(default=40, ge=1)
+    """Progress requests one source address may send at once."""
     report_audience: str = "finetune-operator"
     """Audience of the projected ServiceAccount token pods authenticate with."""
     report_token_expiration_seconds: int = Field(default=600, ge=600)

@@ -171,6 +171,24 @@ class Controller:
         except NotFoundError:
             return None
 
+    async def job_lookup(self, namespace: str, name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(the FineTuneJob, its current Job) for the progress endpoint, or None when it has no Job
+        it controls: from the caches (leader) or the API (standby). The Job is the one the watch
+        shows (its uid the API server's), never one named by a pod."""
+        key = (namespace, name)
+        ftj = self.ftjs.get(key)
+        job = self._job(key)
+        try:
+            if ftj is None:
+                ftj = await self.kube.get_ftj(namespace, name)
+            if job is None and self.job_index is None:
+                job = await self.kube.get_job(namespace, job_name(name))
+        except NotFoundError:
+            return None
+        if job is None or not is_owned_by(job, ftj):
+            return None
+        return ftj, job
+
     # -- triggers ---------------------------------------------------------------------------
 
     def ftj_event(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -263,8 +281,10 @@ class Controller:
         phase = (ftj.get("status") or {}).get("phase")
         spec = self._spec(key, ftj)
         if isinstance(spec, InvalidJobError):
-            field, message = spec.field, spec.message
-            await self._write_status(key, ftj, lambda obj: invalid_status(obj, field, message, _now()))
+            field, message, reason = spec.field, spec.message, spec.reason
+            await self._write_status(
+                key, ftj, lambda obj: invalid_status(obj, field, message, _now(), reason=reason)
+            )
             return
         job = self._job(key)
         if job is None and phase in ("Succeeded", "Failed"):
@@ -316,7 +336,7 @@ class Controller:
             return cached[1]
         try:
             spec: FineTuneJobSpec | InvalidJobError = parse_spec(ftj)
-            validate_limits(spec, self.cfg)
+            validate_limits(spec, key[0], self.cfg)
         except InvalidJobError as e:
             spec = e
         self._specs[key] = (version, spec)
@@ -399,7 +419,7 @@ class Controller:
         moved = transition(old_status, patch)
         if moved:
             observed = observe(new, job, pods) if job is not None else None
-            reason = observed.reason if observed else "InvalidSpec"
+            reason = observed.reason if observed else _reason(new.get("status") or {}) or "InvalidSpec"
             message = patch.get("message") or ""
             log.info(
                 "phase %s -> %s: %s",

@@ -18,6 +18,7 @@ from typing import Any
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
 from pydantic import ValidationError
 
+from finetune_operator import admission
 from finetune_operator.api import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
 from finetune_operator.config import OperatorConfig
 from finetune_operator.naming import ANNOTATION_JOB_MANIFEST, LABEL_KUEUE_QUEUE, job_labels, job_name
@@ -44,10 +45,11 @@ S3_SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False)
 class InvalidJobError(Exception):
     """The FineTuneJob cannot run under this operator's limits; `field` names what to change."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, reason: str = "InvalidSpec") -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.reason = reason
 
 
 def parse_spec(ftj: dict[str, Any]) -> FineTuneJobSpec:
@@ -60,8 +62,10 @@ def parse_spec(ftj: dict[str, Any]) -> FineTuneJobSpec:
         raise InvalidJobError(field, str(first["msg"]).removeprefix("Value error, ")) from None
 
 
-def validate_limits(spec: FineTuneJobSpec, cfg: OperatorConfig) -> None:
-    """Refuse what the schema allows but this installation does not (InvalidJobError names the field)."""
+def validate_limits(spec: FineTuneJobSpec, namespace: str, cfg: OperatorConfig) -> None:
+    """Refuse what the schema allows but this installation does not (InvalidJobError names the
+    field): the operator's limits (reason InvalidSpec), then the platform's policy for `namespace`
+    (admission.refusal, reason NotAllowed)."""
     if spec.resources.gpus > cfg.max_gpus_per_job:
         raise InvalidJobError(
             "spec.resources.gpus",
@@ -78,6 +82,9 @@ def validate_limits(spec: FineTuneJobSpec, cfg: OperatorConfig) -> None:
         raise InvalidJobError(
             "spec.storage.uri", "no storage: set it, or have the operator's storage.uri default set"
         )
+    refused = admission.refusal(spec, namespace, cfg)
+    if refused is not None:
+        raise InvalidJobError(refused.field, refused.message, admission.REASON)
 
 
 def resolved_storage(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
@@ -213,8 +220,8 @@ def desired_suspend(spec: FineTuneJobSpec) -> bool:
 def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     """The batch/v1 Job for `ftj`. Raises InvalidJobError when the spec breaks the operator's limits."""
     spec = parse_spec(ftj)
-    validate_limits(spec, cfg)
     meta = ftj["metadata"]
+    validate_limits(spec, meta["namespace"], cfg)
     name = meta["name"]
     labels = job_labels(name)
     job_meta_labels = dict(labels)
@@ -299,8 +306,9 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
         pod_spec["tolerations"] = tolerations
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
+    service_account = spec.service_account_name or cfg.trainer_service_account
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
     job_spec: dict[str, Any] = {
         "parallelism": 1,
         "completions": 1,

@@ -54,8 +54,13 @@ class OperatorMetrics:
         )
         self.progress_reports = Counter(
             "finetune_operator_progress_reports",
-            "Progress reports received, by result (accepted, stale, unauthorized, invalid).",
+            "Progress reports received, by result (accepted, stale, unauthorized, forbidden, limited, invalid).",
             ["result"],
+            registry=r,
+        )
+        self.token_reviews = Counter(
+            "finetune_operator_token_reviews",
+            "TokenReviews made for progress reports (cached verdicts and rate-limited requests make none).",
             registry=r,
         )
         self.gpu_seconds = Counter(

@@ -2,9 +2,13 @@
 
 The trainer POSTs its progress JSON to `/v1/namespaces/{ns}/finetunejobs/{name}/progress` with a
 projected ServiceAccount token (audience `finetune-operator`, short-lived, renewed by the kubelet).
-The operator checks it with the TokenReview API and accepts the report only if the token was
-issued for a pod, in that namespace, that belongs to that FineTuneJob's Job. Verdicts are cached
-per token for a minute, so a steady stream of reports costs no API calls.
+The operator checks it with the TokenReview API and accepts the report only from the live pod of
+the FineTuneJob's current Job (`source_refusal`): the token's pod uid is the pod's, whose controller
+is, by uid, the Job the operator's own watch shows controlled by that FineTuneJob; finished pods and
+finished jobs are refused. Verdicts are cached per token (good ones for a minute, bad ones for five),
+and every source address has a request budget (`RateLimiter`) spent before any TokenReview, so
+neither a steady stream of reports nor a flood of garbage tokens costs more than a few API calls.
+A report's checkpoint URIs must lie under the job's own storage prefix (`uri_refusal`).
 
 Reports are buffered (`ProgressBook`) and written to status at most every
 `statusWriteIntervalSeconds` per job, at once when the checkpoint or the trainer's phase changes.
@@ -27,10 +31,9 @@ from typing import Any
 
 from aiohttp import web
 
-from finetune_operator import events
+from finetune_operator import admission, events
 from finetune_operator.kube import ConflictError, Kube, NotFoundError
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.naming import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, job_name, short_name
 from finetune_operator.status import is_newer_report, parse_time, progress_patch
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,11 @@ log = logging.getLogger(__name__)
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 VERDICT_TTL_SECONDS = 60.0
+NEGATIVE_TTL_SECONDS = 300.0
+"""A token refused once stays refused: a bound token only becomes invalid, never valid."""
+MAX_CACHED_VERDICTS = 10_000
+FINISHED_PHASES = ("Succeeded", "Failed")
+FINISHED_POD_PHASES = ("Succeeded", "Failed")
 MAX_BODY_BYTES = 64 * 1024
 
 Key = tuple[str, str]
@@ -110,56 +118,143 @@ class ProgressBook:
         self.entries.pop(key, None)
 
 
-@dataclass
-class Verdict:
+@dataclass(frozen=True)
+class Identity:
+    """Whom a token was issued to: a pod (by name and uid) in a namespace."""
+
     namespace: str
     pod: str
+    pod_uid: str
+
+
+@dataclass
+class Verdict:
+    identity: Identity | None
+    """None: the token is not valid for us (cached too, so a flood of bad tokens costs no reviews)."""
     expires: float
 
 
 @dataclass
 class Authenticator:
-    """TokenReview plus the pod-belongs-to-job check, with a short verdict cache."""
+    """TokenReview, with a short cache of every verdict, good and bad, per token digest."""
 
     kube: Kube
     audience: str
     clock: Callable[[], float] = time.monotonic
+    on_review: Callable[[], None] = lambda: None
+    """Called for every TokenReview made (finetune_operator_token_reviews_total)."""
     _cache: dict[str, Verdict] = field(default_factory=dict)
 
-    async def pod_for(self, token: str) -> tuple[str, str] | None:
-        """(namespace, pod name) the token was issued for, or None when it is not valid for us."""
+    async def identity(self, token: str) -> Identity | None:
+        """The pod the token was issued for, or None when it is not a pod-bound token for us."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._cache.get(digest)
         now = self.clock()
         if cached and cached.expires > now:
-            return cached.namespace, cached.pod
+            return cached.identity
+        self.on_review()
         review = await self.kube.token_review(token, self.audience)
-        if not review.get("authenticated") or self.audience not in (
-            review.get("audiences") or [self.audience]
-        ):
-            return None
-        user = review.get("user") or {}
-        parts = str(user.get("username", "")).split(":")
-        pods = (user.get("extra") or {}).get(POD_NAME_EXTRA) or []
-        if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"] or len(pods) != 1:
-            return None
-        if len(self._cache) > 10_000:
+        found = review_identity(review, self.audience)
+        self._remember(digest, Verdict(found, now + (VERDICT_TTL_SECONDS if found else NEGATIVE_TTL_SECONDS)))
+        return found
+
+    def _remember(self, digest: str, verdict: Verdict) -> None:
+        if len(self._cache) >= MAX_CACHED_VERDICTS:
+            now = self.clock()
             self._cache = {k: v for k, v in self._cache.items() if v.expires > now}
-        self._cache[digest] = Verdict(parts[2], pods[0], now + VERDICT_TTL_SECONDS)
-        return parts[2], pods[0]
+            while len(self._cache) >= MAX_CACHED_VERDICTS:  # all still valid: drop the oldest
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[digest] = verdict
 
 
-def pod_belongs(pod: dict[str, Any], namespace: str, name: str) -> bool:
-    """Whether `pod` is a training pod of the FineTuneJob `namespace/name`."""
-    meta = pod.get("metadata") or {}
-    labels = meta.get("labels") or {}
+def review_identity(review: dict[str, Any], audience: str) -> Identity | None:
+    """The pod of a TokenReview's status: a ServiceAccount token bound to exactly one pod (the
+    kubelet's projected tokens are; a token from the TokenRequest API without a bound pod is not),
+    issued for `audience`."""
+    if not review.get("authenticated") or audience not in (review.get("audiences") or [audience]):
+        return None
+    user = review.get("user") or {}
+    parts = str(user.get("username", "")).split(":")
+    extra = user.get("extra") or {}
+    names, uids = extra.get(POD_NAME_EXTRA) or [], extra.get(POD_UID_EXTRA) or []
+    if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"] or len(names) != 1 or len(uids) != 1:
+        return None
+    return Identity(parts[2], names[0], uids[0])
+
+
+def source_refusal(
+    who: Identity, namespace: str, pod: dict[str, Any] | None, ftj: dict[str, Any] | None, job: dict[str, Any] | None
+) -> str | None:
+    """Why the pod `who` may not report for the FineTuneJob `ftj` whose current Job is `job` (the
+    Job as the operator's own watch or a read of it shows it, controlled by this very FineTuneJob),
+    or None. Only the live pod of that Job may: the pod's uid is the token's (not an earlier pod of
+    the same name), its controller is that Job by uid (labels and names are anyone's to copy; a
+    uid is the API server's), it has not finished, and neither has the job."""
+    if who.namespace != namespace:
+        return "the token is for a pod of another namespace"
+    if ftj is None or job is None:
+        return "the job has no current Job"
+    if ((ftj.get("status") or {}).get("phase")) in FINISHED_PHASES:
+        return "the job has finished"
+    if pod is None or (pod.get("metadata") or {}).get("uid") != who.pod_uid:
+        return "the token's pod does not exist"
+    meta = pod["metadata"]
+    job_uid = (job.get("metadata") or {}).get("uid")
     owners = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
-    return (
-        meta.get("namespace") == namespace
-        and labels.get(LABEL_MANAGED_BY) == MANAGED_BY
-        and labels.get(LABEL_JOB) == short_name(name)
-        and any(r.get("kind") == "Job" and r.get("name") == job_name(name) for r in owners)
-    )
+    if meta.get("namespace") != namespace or not any(
+        r.get("kind") == "Job" and r.get("uid") == job_uid for r in owners
+    ):
+        return "the token's pod does not belong to this job's Job"
+    if (pod.get("status") or {}).get("phase") in FINISHED_POD_PHASES:
+        return "the token's pod has finished"
+    return None
+
+
+def uri_refusal(report: dict[str, Any], prefix: str) -> str | None:
+    """The first URI in a report that is not under the job's own storage prefix, or None: status
+    must never point at another tenant's data, whatever a pod claims."""
+    entries = [("checkpoint.uri", report.get("checkpoint"))]
+    entries.append(("bestCheckpoint.uri", report.get("bestCheckpoint")))
+    history = report.get("checkpoints")
+    if isinstance(history, list):
+        entries += [(f"checkpoints[{i}].uri", e) for i, e in enumerate(history)]
+    for where, entry in entries:
+        if not isinstance(entry, dict) or "uri" not in entry:
+            continue
+        uri = entry["uri"]
+        if not isinstance(uri, str) or not within(uri, prefix):
+            return f"{where} {str(uri)[:200]!r} is not under the job's storage prefix {prefix}"
+    return None
+
+
+def within(uri: str, prefix: str) -> bool:
+    """Whether `uri` is under `prefix` (by whole segments for s3://; plain prefix otherwise)."""
+    if prefix.startswith("s3://"):
+        return admission.under(uri, prefix) and admission.s3_segments(uri) is not None
+    return uri.startswith(prefix.rstrip("/") + "/") and "/../" not in uri
+
+
+@dataclass
+class RateLimiter:
+    """A token bucket per source address: `burst` requests at once, then `rate` per second. Checked
+    before any TokenReview, so a flood from one source costs at most burst + rate x seconds."""
+
+    rate: float
+    burst: float
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def allow(self, source: str) -> bool:
+        now = self.clock()
+        tokens, at = self._buckets.get(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if len(self._buckets) >= MAX_CACHED_VERDICTS and source not in self._buckets:
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < self.burst / self.rate}
+        if tokens < 1:
+            self._buckets[source] = (tokens, now)
+            return False
+        self._buckets[source] = (tokens - 1, now)
+        return True
 
 
 def valid_report(doc: Any) -> bool:
@@ -182,12 +277,19 @@ class ProgressService:
         metrics: OperatorMetrics,
         interval: float,
         pod_lookup: Callable[[str, str], Awaitable[dict[str, Any] | None]],
+        *,
+        job_lookup: Callable[[str, str], Awaitable[tuple[dict[str, Any], dict[str, Any]] | None]],
+        storage_prefix: Callable[[dict[str, Any]], str],
+        limiter: RateLimiter,
     ) -> None:
         self.kube = kube
         self.auth = authenticator
         self.metrics = metrics
         self.interval = interval
         self.pod_lookup = pod_lookup
+        self.job_lookup = job_lookup
+        self.storage_prefix = storage_prefix
+        self.limiter = limiter
         self.book = ProgressBook()
         self._objects: dict[Key, dict[str, Any]] = {}
         self._written: dict[Key, dict[str, Any]] = {}
@@ -201,21 +303,20 @@ class ProgressService:
 
     async def handle(self, request: web.Request) -> web.Response:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
-        header = request.headers.get("Authorization", "")
-        if not header.startswith("Bearer "):
-            return self._reject("unauthorized", 401, "a bearer token is required")
-        who = await self.auth.pod_for(header.removeprefix("Bearer ").strip())
-        if who is None or who[0] != namespace:
-            return self._reject("unauthorized", 401, "the token is not valid for this job")
-        pod = await self.pod_lookup(namespace, who[1])
-        if pod is None or not pod_belongs(pod, namespace, name):
-            return self._reject("unauthorized", 403, "the token's pod does not belong to this job")
+        refused, found = await self._authorize(request, namespace, name)
+        if refused is not None:
+            return refused
+        assert found is not None
+        ftj, _job = found
         try:
             report = await request.json()
         except ValueError:
             return self._reject("invalid", 400, "the body is not JSON")
         if not valid_report(report):
             return self._reject("invalid", 400, "expected step (integer) and reportedAt (RFC 3339)")
+        outside = uri_refusal(report, self.storage_prefix(ftj))
+        if outside is not None:
+            return self._reject("forbidden", 403, outside)
         key = (namespace, name)
         if not self.book.offer(key, report):
             self.metrics.progress_reports.labels("stale").inc()
@@ -223,6 +324,33 @@ class ProgressService:
         self.metrics.progress_reports.labels("accepted").inc()
         self._wake.set()
         return web.json_response({"accepted": True}, status=202)
+
+    async def _authorize(
+        self, request: web.Request, namespace: str, name: str
+    ) -> tuple[web.Response | None, tuple[dict[str, Any], dict[str, Any]] | None]:
+        """(a refusal, None), or (None, (the FineTuneJob, its current Job)) when the request comes
+        from the live pod of that Job: rate limit per source, TokenReview, then source_refusal."""
+        if not self.limiter.allow(request.remote or ""):
+            response = self._reject("limited", 429, "too many requests from this address")
+            response.headers["Retry-After"] = "1"
+            return response, None
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return self._reject("unauthorized", 401, "a bearer token is required"), None
+        who = await self.auth.identity(header.removeprefix("Bearer ").strip())
+        if who is None or who.namespace != namespace:
+            return self._reject("unauthorized", 401, "the token is not valid for this job"), None
+        found = await self.job_lookup(namespace, name)
+        pod = await self.pod_lookup(namespace, who.pod)
+        why = source_refusal(who, namespace, pod, *(found or (None, None)))
+        if why is not None:
+            log.info(
+                "progress report refused: %s",
+                why,
+                extra={"fields": {"namespace": namespace, "name": name, "pod": who.pod}},
+            )
+            return self._reject("forbidden", 403, why), None
+        return None, found
 
     def _reject(self, result: str, status: int, message: str) -> web.Response:
         self.metrics.progress_reports.labels(result).inc()

@@ -26,7 +26,8 @@ from finetune_operator.handlers import Controller, register
 from finetune_operator.kube import Kube, load_client_config
 from finetune_operator.leader import LeaderElector, LostLeadershipError
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.progress_server import Authenticator, ProgressService
+from finetune_operator.jobbuilder import resolved_storage
+from finetune_operator.progress_server import Authenticator, ProgressService, RateLimiter
 
 log = logging.getLogger("finetune_operator")
 
@@ -125,8 +126,19 @@ async def run(cfg: OperatorConfig, stop: asyncio.Event | None = None) -> int:
         assert controller is not None
         return await controller.pod_lookup(namespace, name)
 
+    async def job_lookup(namespace: str, name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        assert controller is not None
+        return await controller.job_lookup(namespace, name)
+
     progress = ProgressService(
-        kube, Authenticator(kube, cfg.report_audience), metrics, cfg.status_write_interval_seconds, pod_lookup
+        kube,
+        Authenticator(kube, cfg.report_audience, on_review=metrics.token_reviews.inc),
+        metrics,
+        cfg.status_write_interval_seconds,
+        pod_lookup,
+        job_lookup=job_lookup,
+        storage_prefix=lambda ftj: resolved_storage(ftj, cfg)["uri"],
+        limiter=RateLimiter(cfg.report_rate_per_second, cfg.report_burst),
     )
     controller = Controller(cfg, kube, metrics, progress)
     health = Health()

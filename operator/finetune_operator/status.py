@@ -599,11 +599,14 @@ def early_stop(observed: Observed, summary: dict[str, Any]) -> Observed | None:
     return Observed("Succeeded", "EarlyStopped", f"training and export finished; {reason}")
 
 
-def invalid_status(ftj: dict[str, Any], field: str, message: str, now: datetime) -> dict[str, Any]:
-    """Status patch for a job refused before any Job exists (operator limits), naming the field."""
+def invalid_status(
+    ftj: dict[str, Any], field: str, message: str, now: datetime, reason: str = "InvalidSpec"
+) -> dict[str, Any]:
+    """Status patch for a job refused before any Job exists (operator limits: InvalidSpec; the
+    platform's policy: NotAllowed), naming the field."""
     status = ftj.get("status") or {}
     generation = ftj["metadata"].get("generation")
-    observed = Observed("Failed", "InvalidSpec", f"{field}: {message}")
+    observed = Observed("Failed", reason, f"{field}: {message}")
     new = {
         "phase": "Failed",
         "message": observed.message,

@@ -32,6 +32,9 @@ KWOK_JOB: dict[str, Any] = {
     "data": {"hub": "FreedomIntelligence/medical-o1-reasoning-SFT", "config": "en", "split": "train[0:500]"},
 }
 """A job for kwok's nodes: its pods never run anything, the tests end them."""
+BASE_MODELS = "base-models"
+DATASETS = "datasets"
+"""Prefixes of the test bucket the platform's policy lets every job read (spec.model.s3, spec.data.s3)."""
 SUMMARY = '{"exitReason": "completed", "steps": 60, "totalSteps": 60}'
 
 
@@ -172,6 +175,11 @@ def start(workdir: Path, bin_dir: Path, s3: Any) -> FaultEnv:
             statusWriteIntervalSeconds=1,
             secretMissingGraceSeconds=2,
             allowedModelSources=["unsloth/", "/", "s3://"],
+            policy={
+                "credentialsSecrets": ["partial-s3"],
+                "modelPrefixes": [f"s3://{s3.bucket}/{BASE_MODELS}/"],
+                "dataPrefixes": [f"s3://{s3.bucket}/{DATASETS}/"],
+            },
         )
         kubeconfig = cluster.control_plane.kubeconfig_for(OPERATOR_USER, "system:masters")
         operator = OperatorProcess(kubeconfig, config, workdir / "operator").start()

@@ -359,7 +359,19 @@ def operator_status(manifest: dict[str, Any], summary: str) -> dict[str, Any]:
     """The status the operator writes when the job's pod exits 78 with `summary` as termination
     message and the Job fails by its podFailurePolicy."""
     obj = {**manifest, "metadata": {**manifest["metadata"], "namespace": "ns", "uid": "u", "generation": 1}}
-    job = build_job(obj, OperatorConfig(storage={"uri": "s3://b/p"}))
+    spec = manifest["spec"]
+    storage = spec.get("storage") or {}
+    # The platform that ran it: its storage and S3 sources are the ones this job names.
+    cfg = OperatorConfig.model_validate(
+        {
+            "storage": {"uri": storage.get("uri") or "s3://b/p", "endpoint": storage.get("endpoint")},
+            "policy": {
+                "modelPrefixes": [u for u in [spec["model"].get("s3")] if u],
+                "dataPrefixes": [u for u in [spec["data"].get("s3")] if u],
+            },
+        }
+    )
+    job = build_job(obj, cfg)
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     job["status"] = {
         "conditions": [

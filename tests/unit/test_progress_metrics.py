@@ -15,7 +15,9 @@ def value(metrics: OperatorMetrics, name: str) -> float:
 
 def test_checkpoint_counted_once_with_its_upload_time() -> None:
     metrics = OperatorMetrics()
-    service = ProgressService(None, None, metrics, 1.0, None)  # type: ignore[arg-type]
+    service = ProgressService(
+        None, None, metrics, 1.0, None, job_lookup=None, storage_prefix=None, limiter=None
+    )  # type: ignore[arg-type]
     ckpt = {"uri": "s3://b/ns/j/checkpoints/step-00000004/", "step": 4, "time": "2025-03-01T12:00:00Z"}
     service.book.offer(
         KEY, {"step": 5, "reportedAt": "2025-03-01T12:00:01Z", "checkpoint": {**ckpt, "uploadSeconds": 0.4}}

@@ -48,6 +48,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/*
+The namespaces the operator serves, as a JSON list: config.namespaces, else the release's own
+namespace; with rbac.clusterWide an empty list means every namespace.
+*/}}
+{{- define "finetune-operator.servedNamespaces" -}}
+{{- if .Values.rbac.clusterWide }}
+{{- toJson .Values.config.namespaces }}
+{{- else }}
+{{- toJson (.Values.config.namespaces | default (list .Release.Namespace)) }}
+{{- end }}
+{{- end }}
+
 {{/* Labels the operator puts on every training pod (finetune_operator.naming). */}}
 {{- define "finetune-operator.trainerPodLabels" -}}
 app.kubernetes.io/name: finetune-trainer
@@ -67,6 +79,7 @@ Service's URL), so the two cannot disagree.
 {{- if not (kindIs "invalid" $value) }}{{- $_ := set $storage $key $value }}{{- end }}
 {{- end }}
 {{- $_ := set $config "storage" $storage -}}
+{{- $_ := set $config "namespaces" (include "finetune-operator.servedNamespaces" . | fromJsonArray) -}}
 {{- if not .Values.config.reportUrl }}
 {{- $_ := set $config "reportUrl" (printf "http://%s-progress.%s.svc:%d" $fullname .Release.Namespace (int .Values.ports.progress)) }}
 {{- end }}
