@@ -87,7 +87,7 @@ def namespace_prefix(cfg: OperatorConfig, namespace: str) -> str | None:
 
 
 def _listing(values: list[str]) -> str:
-    return ", ".join(values) if values else "none"
+    return ", ".join(values)
 
 
 def _source_refusal(field: str, uri: str, prefixes: list[str]) -> Refusal | None:
@@ -95,7 +95,7 @@ def _source_refusal(field: str, uri: str, prefixes: list[str]) -> Refusal | None
         return Refusal(field, f"{uri!r} has an empty, '.' or '..' segment")
     if any(under(uri, p) for p in prefixes):
         return None
-    return Refusal(field, f"{uri!r} is not under an allowed prefix; allowed: {_listing(prefixes)}")
+    return Refusal(field, f"{uri!r} is not under an allowed prefix; allowed: {_listing(prefixes) or 'none'}")
 
 
 def refusal(spec: FineTuneJobSpec, namespace: str, cfg: OperatorConfig) -> Refusal | None:
@@ -109,32 +109,33 @@ def refusal(spec: FineTuneJobSpec, namespace: str, cfg: OperatorConfig) -> Refus
     accounts = [a for a in (cfg.trainer_service_account, *allowed.service_accounts) if a]
     name = spec.service_account_name
     if name is not None and name != cfg.trainer_service_account and name not in allowed.service_accounts:
-        default = cfg.trainer_service_account or "the namespace's default (leave the field unset)"
+        default = "the namespace's default (leave the field unset)"
         return Refusal(
             "spec.serviceAccountName",
-            f"{name!r} is not an allowed ServiceAccount; allowed: {_listing(accounts) if accounts else default}",
+            f"{name!r} is not an allowed ServiceAccount; allowed: {_listing(accounts) or default}",
         )
 
     storage = spec.storage
     platform = [cfg.storage.uri] if cfg.storage.uri else []
     if storage.uri is not None:
-        if not storage.uri.startswith("s3://") or s3_segments(storage.uri) is None:
-            ok = False
-        else:
-            same = bool(platform) and under(storage.uri, platform[0]) and under(platform[0], storage.uri)
-            ok = same or any(under(storage.uri, p) for p in allowed.storage_uris)
-        if not ok:
+        # The platform's own uri spelled out, or under a listed override; never below the
+        # platform's uri (s3://b/jobs/team-b would put team-a's job in team-b's prefix).
+        same = bool(platform) and under(storage.uri, platform[0]) and under(platform[0], storage.uri)
+        if not (same or any(under(storage.uri, p) for p in allowed.storage_uris)):
             return Refusal(
                 "spec.storage.uri",
                 f"{storage.uri!r} is not allowed: jobs store under the platform's storage.uri"
-                f" ({_listing(platform)}) as <namespace>/<name>/; listed overrides: {_listing(allowed.storage_uris)}",
+                f" ({_listing(platform) or 'none set'}) as <namespace>/<name>/;"
+                f" listed overrides: {_listing(allowed.storage_uris) or 'none'}",
             )
 
     endpoints = [e for e in (cfg.storage.endpoint, *allowed.endpoints) if e]
-    if storage.endpoint is not None and storage.endpoint.rstrip("/") not in [e.rstrip("/") for e in endpoints]:
+    if storage.endpoint is not None and storage.endpoint.rstrip("/") not in [
+        e.rstrip("/") for e in endpoints
+    ]:
         return Refusal(
             "spec.storage.endpoint",
-            f"{storage.endpoint!r} is not an allowed S3 endpoint; allowed: {_listing(endpoints)}",
+            f"{storage.endpoint!r} is not an allowed S3 endpoint; allowed: {_listing(endpoints) or 'none'}",
         )
 
     secrets = [s for s in (cfg.storage.credentials_secret, *allowed.credentials_secrets) if s]
@@ -142,7 +143,7 @@ def refusal(spec: FineTuneJobSpec, namespace: str, cfg: OperatorConfig) -> Refus
     if own is not None and own != cfg.storage.credentials_secret and own not in allowed.credentials_secrets:
         return Refusal(
             "spec.storage.credentialsSecret",
-            f"{own!r} is not an allowed credentials Secret; allowed: {_listing(secrets)}",
+            f"{own!r} is not an allowed credentials Secret; allowed: {_listing(secrets) or 'none'}",
         )
 
     readable = [p for p in (namespace_prefix(cfg, namespace),) if p] + allowed.storage_uris

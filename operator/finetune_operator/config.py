@@ -83,10 +83,7 @@ class Policy(Allowances):
         if extra is None:
             return Allowances.model_validate(self.model_dump(exclude={"namespaces"}))
         return Allowances(
-            **{
-                name: [*getattr(self, name), *getattr(extra, name)]
-                for name in Allowances.model_fields
-            }
+            **{name: [*getattr(self, name), *getattr(extra, name)] for name in Allowances.model_fields}
         )
 
 

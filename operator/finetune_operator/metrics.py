@@ -54,7 +54,8 @@ class OperatorMetrics:
         )
         self.progress_reports = Counter(
             "finetune_operator_progress_reports",
-            "Progress reports received, by result (accepted, stale, unauthorized, forbidden, limited, invalid).",
+            "Progress reports received, by result"
+            " (accepted, stale, unauthorized, forbidden, limited, invalid).",
             ["result"],
             registry=r,
         )

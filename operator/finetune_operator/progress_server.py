@@ -183,7 +183,11 @@ def review_identity(review: dict[str, Any], audience: str) -> Identity | None:
 
 
 def source_refusal(
-    who: Identity, namespace: str, pod: dict[str, Any] | None, ftj: dict[str, Any] | None, job: dict[str, Any] | None
+    who: Identity,
+    namespace: str,
+    pod: dict[str, Any] | None,
+    ftj: dict[str, Any] | None,
+    job: dict[str, Any] | None,
 ) -> str | None:
     """Why the pod `who` may not report for the FineTuneJob `ftj` whose current Job is `job` (the
     Job as the operator's own watch or a read of it shows it, controlled by this very FineTuneJob),

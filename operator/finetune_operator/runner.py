@@ -23,10 +23,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from finetune_operator.config import ConfigFileError, OperatorConfig, load_config
 from finetune_operator.handlers import Controller, register
+from finetune_operator.jobbuilder import resolved_storage
 from finetune_operator.kube import Kube, load_client_config
 from finetune_operator.leader import LeaderElector, LostLeadershipError
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.jobbuilder import resolved_storage
 from finetune_operator.progress_server import Authenticator, ProgressService, RateLimiter
 
 log = logging.getLogger("finetune_operator")

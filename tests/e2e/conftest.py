@@ -19,12 +19,16 @@ def operator(cluster: Any, s3: Any, tmp_path_factory: pytest.TempPathFactory) ->
 
     It runs with the Helm chart's ServiceAccount token and nothing else: the chart is installed with
     `helm install` (replicas=2, so its Lease Role exists) and the operator takes that Lease, so every
-    e2e test also proves the chart's RBAC is enough for the whole lifecycle, leader election included.
+    e2e test also proves the chart's RBAC is enough for the whole lifecycle, leader election included,
+    and that the chart's admission policy admits every Job the operator makes.
     """
     install_crd(cluster)
     release_ns = cluster.new_namespace("finetune-system")
     workdir = tmp_path_factory.mktemp("operator")
-    with installed_chart(cluster, workdir, "--set", "replicas=2", namespace=release_ns) as chart:
+    # Cluster-wide by explicit choice (rbac.clusterWide): every e2e test makes its own namespace.
+    with installed_chart(
+        cluster, workdir, "--set", "replicas=2", "--set", "rbac.clusterWide=true", namespace=release_ns
+    ) as chart:
         election = {"enabled": True, "namespace": release_ns, "leaseName": chart["fullname"],
                     "leaseDurationSeconds": 6, "renewSeconds": 2}  # fmt: skip
         proc = OperatorProcess(chart["sa"], operator_config(s3, leaderElection=election), workdir)

@@ -45,26 +45,42 @@ FINISHED = ("Succeeded", "Failed")
 def spec_attacks(bucket: str, endpoint: str) -> dict[str, tuple[dict[str, Any], str, str]]:
     """case -> (spec fields, the field named, text of what is allowed)."""
     return {
-        "foreign image": ({"image": "busybox:1.36"}, "spec.image", "ghcr.io/finetune-dev/finetune-trainer:0.1.0"),
+        "foreign image": (
+            {"image": "busybox:1.36"},
+            "spec.image",
+            "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
+        ),
         "foreign ServiceAccount": ({"serviceAccountName": "admin"}, "spec.serviceAccountName", "default"),
         "storage in another namespace's prefix": (
             {"storage": {"uri": f"s3://{bucket}/jobs/team-b"}},
             "spec.storage.uri",
             f"s3://{bucket}/jobs",
         ),
-        "storage in an unlisted bucket": ({"storage": {"uri": "s3://other-bucket/x"}}, "spec.storage.uri", "not allowed"),
+        "storage in an unlisted bucket": (
+            {"storage": {"uri": "s3://other-bucket/x"}},
+            "spec.storage.uri",
+            "not allowed",
+        ),
         "model of another namespace": (
             {"model": {"s3": f"s3://{bucket}/jobs/team-b/merged/"}},
             "spec.model.s3",
             f"s3://{bucket}/{BASE_MODELS}/",
         ),
-        "model in an unlisted bucket": ({"model": {"s3": "s3://other-bucket/m/"}}, "spec.model.s3", "not under"),
+        "model in an unlisted bucket": (
+            {"model": {"s3": "s3://other-bucket/m/"}},
+            "spec.model.s3",
+            "not under",
+        ),
         "data outside the allowlist": (
             {"data": {"s3": f"s3://{bucket}/private/rows.jsonl"}},
             "spec.data.s3",
             f"s3://{bucket}/{DATASETS}/",
         ),
-        "unlisted endpoint": ({"storage": {"endpoint": "http://203.0.113.9:9000"}}, "spec.storage.endpoint", endpoint),
+        "unlisted endpoint": (
+            {"storage": {"endpoint": "http://203.0.113.9:9000"}},
+            "spec.storage.endpoint",
+            endpoint,
+        ),
         "a credentials Secret of its own": (
             {"storage": {"credentialsSecret": "admin-keys"}},
             "spec.storage.credentialsSecret",
@@ -78,7 +94,9 @@ def refused(faults: FaultEnv, s3: Any) -> tuple[str, dict[str, tuple[dict[str, A
     """Every SPEC attack at once in one namespace, as `attack-<i>`; the namespace and the table."""
     ns = faults.namespace("attack-spec")
     table = spec_attacks(s3.bucket, s3.endpoint_url)
-    faults.create(ns, [ftj(f"attack-{i}", {**KWOK_JOB, **fields}) for i, (fields, _, _) in enumerate(table.values())])
+    faults.create(
+        ns, [ftj(f"attack-{i}", {**KWOK_JOB, **fields}) for i, (fields, _, _) in enumerate(table.values())]
+    )
     wait("every attack Failed", lambda: faults.all_in(ns, "Failed", len(table)), 60)
     return ns, table
 
@@ -146,7 +164,14 @@ _sequence = iter(range(1, 1_000_000))
 
 def report(step: int, **extra: Any) -> dict[str, Any]:
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    return {"step": step, "totalSteps": 100, "phase": "Training", "reportedAt": stamp, "sequence": next(_sequence), **extra}
+    return {
+        "step": step,
+        "totalSteps": 100,
+        "phase": "Training",
+        "reportedAt": stamp,
+        "sequence": next(_sequence),
+        **extra,
+    }
 
 
 def status_of(faults: FaultEnv, ns: str, name: str) -> dict[str, Any]:
@@ -182,37 +207,79 @@ def tenant(faults: FaultEnv, s3: Any) -> dict[str, Any]:
     tokens = {n: bound_token(faults, p) for n, p in pods.items()}
     code, body = post(faults, ns, "victim", tokens["victim"], report(5))
     assert code == 202, body
-    wait("victim's step 5 in status", lambda: (status_of(faults, ns, "victim").get("progress") or {}).get("step") == 5, 30)
+    wait(
+        "victim's step 5 in status",
+        lambda: (status_of(faults, ns, "victim").get("progress") or {}).get("step") == 5,
+        30,
+    )
 
     kwokpods.preempt(faults.rest, pods["replaced"])
     wait(
         "a replacement pod",
-        lambda: (p := faults.pod_of(ns, "replaced")) is not None and p["metadata"]["uid"] != pods["replaced"]["metadata"]["uid"],
+        lambda: (
+            (p := faults.pod_of(ns, "replaced")) is not None
+            and p["metadata"]["uid"] != pods["replaced"]["metadata"]["uid"]
+        ),
         60,
     )
     kwokpods.complete(faults.rest, pods["done"], SUMMARY)
     wait("done Succeeded", lambda: status_of(faults, ns, "done").get("phase") == "Succeeded", 60)
-    return {"ns": ns, "foreign": foreign, "pods": pods, "tokens": tokens, "outsider": outsider, "bucket": s3.bucket}
+    return {
+        "ns": ns,
+        "foreign": foreign,
+        "pods": pods,
+        "tokens": tokens,
+        "outsider": outsider,
+        "bucket": s3.bucket,
+    }
 
 
 def test_the_live_pod_is_accepted(faults: FaultEnv, tenant: dict[str, Any]) -> None:
     """The control for everything below: the same endpoint accepts the job's own live pod."""
     ns = tenant["ns"]
-    ckpt = {"uri": f"s3://{tenant['bucket']}/jobs/{ns}/victim/checkpoints/step-00000006/", "step": 6,
-            "time": datetime.now(UTC).isoformat().replace("+00:00", "Z")}  # fmt: skip
+    ckpt = {
+        "uri": f"s3://{tenant['bucket']}/jobs/{ns}/victim/checkpoints/step-00000006/",
+        "step": 6,
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+    }
     code, body = post(faults, ns, "victim", tenant["tokens"]["victim"], report(6, checkpoint=ckpt))
     assert code == 202, body
-    wait("checkpoint 6 in status", lambda: (status_of(faults, ns, "victim").get("checkpoint") or {}).get("step") == 6, 30)
+    wait(
+        "checkpoint 6 in status",
+        lambda: (status_of(faults, ns, "victim").get("checkpoint") or {}).get("step") == 6,
+        30,
+    )
 
 
-def forged_pod(faults: FaultEnv, ns: str, owner: str, owner_uid: str, labels: dict[str, str]) -> dict[str, Any]:
+def forged_pod(
+    faults: FaultEnv, ns: str, owner: str, owner_uid: str, labels: dict[str, str]
+) -> dict[str, Any]:
     """A pod the tenant makes by hand (it never runs: no node matches)."""
-    return faults.rest.request("POST", f"/api/v1/namespaces/{ns}/pods", {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"victim-{uuid.uuid4().hex[:5]}", "labels": labels, "ownerReferences": [
-            {"apiVersion": "batch/v1", "kind": "Job", "name": owner, "uid": owner_uid, "controller": True}]},
-        "spec": {"nodeSelector": {"nowhere": "true"}, "containers": [{"name": "trainer", "image": "busybox:1.36"}]},
-    })  # fmt: skip
+    return faults.rest.request(
+        "POST",
+        f"/api/v1/namespaces/{ns}/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"victim-{uuid.uuid4().hex[:5]}",
+                "labels": labels,
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": owner,
+                        "uid": owner_uid,
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": {
+                "nodeSelector": {"nowhere": "true"},
+                "containers": [{"name": "trainer", "image": "busybox:1.36"}],
+            },
+        },
+    )
 
 
 def victim_labels(tenant: dict[str, Any]) -> dict[str, str]:
@@ -226,11 +293,21 @@ def test_forged_pod_owned_by_a_decoy_job(faults: FaultEnv, tenant: dict[str, Any
     (so the garbage collector keeps it): its token is real and bound to it, and refused, because
     its controller is not, by uid, the Job the operator made."""
     ns = tenant["ns"]
-    decoy = faults.rest.request("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "decoy"},
-        "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "c", "image": "busybox:1.36"}]}}},
-    })  # fmt: skip
+    decoy = faults.rest.request(
+        "POST",
+        f"/apis/batch/v1/namespaces/{ns}/jobs",
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "decoy"},
+            "spec": {
+                "suspend": True,
+                "template": {
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox:1.36"}]}
+                },
+            },
+        },
+    )
     pod = forged_pod(faults, ns, "decoy", decoy["metadata"]["uid"], victim_labels(tenant))
     before = status_of(faults, ns, "victim")
     code, body = post(faults, ns, "victim", bound_token(faults, pod), report(999))
@@ -321,8 +398,11 @@ def test_a_uri_in_another_tenants_prefix(faults: FaultEnv, tenant: dict[str, Any
     """The job's own live pod, claiming a checkpoint in the foreign namespace's prefix."""
     ns = tenant["ns"]
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    entry = {"uri": f"s3://{tenant['bucket']}/jobs/{tenant['foreign']}/outsider/checkpoints/step-00000050/",
-             "step": 50, "time": stamp}  # fmt: skip
+    entry = {
+        "uri": f"s3://{tenant['bucket']}/jobs/{tenant['foreign']}/outsider/checkpoints/step-00000050/",
+        "step": 50,
+        "time": stamp,
+    }
     fields = {"checkpoint": entry, "checkpoints": [entry], "bestCheckpoint": entry}
     before = status_of(faults, ns, "victim")
     code, body = post(faults, ns, "victim", tenant["tokens"]["victim"], report(50, **{where: fields[where]}))
@@ -335,7 +415,13 @@ def test_a_uri_escaping_the_prefix_with_dot_dot(faults: FaultEnv, tenant: dict[s
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     uri = f"s3://{tenant['bucket']}/jobs/{ns}/victim/../../{tenant['foreign']}/outsider/checkpoints/step-00000051/"
     before = status_of(faults, ns, "victim")
-    code, body = post(faults, ns, "victim", tenant["tokens"]["victim"], report(51, checkpoint={"uri": uri, "step": 51, "time": stamp}))
+    code, body = post(
+        faults,
+        ns,
+        "victim",
+        tenant["tokens"]["victim"],
+        report(51, checkpoint={"uri": uri, "step": 51, "time": stamp}),
+    )
     assert code == 403, (code, body)
     unchanged(faults, ns, "victim", before)
 
@@ -352,7 +438,10 @@ def test_a_flood_of_garbage_tokens_costs_few_token_reviews(faults: FaultEnv, ten
     codes = [post(faults, ns, "victim", f"garbage-{uuid.uuid4().hex}", report(994))[0] for _ in range(300)]
     seconds = time.monotonic() - start
     made = faults.metric("finetune_operator_token_reviews_total") - reviews
-    print(f"\n300 garbage tokens in {seconds:.1f}s: {codes.count(401)} x 401, {codes.count(429)} x 429, {made:.0f} TokenReviews")
+    print(
+        f"\n300 garbage tokens in {seconds:.1f}s: {codes.count(401)} x 401, {codes.count(429)} x 429,"
+        f" {made:.0f} TokenReviews"
+    )
     assert set(codes) <= {401, 429} and codes.count(429) > 0
     assert made <= 40 + 10 * seconds + 1
     time.sleep(5)  # the budget refills
@@ -371,7 +460,9 @@ def test_deleting_the_pod_revokes_its_token(faults: FaultEnv, tenant: dict[str, 
     way: the endpoint refuses."""
     ns = tenant["ns"]
     pod = tenant["pods"]["other"]
-    faults.rest.request("DELETE", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}", {"gracePeriodSeconds": 0})
+    faults.rest.request(
+        "DELETE", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}", {"gracePeriodSeconds": 0}
+    )
 
     def gone() -> bool:
         try:

@@ -53,7 +53,10 @@ ALLOWED: dict[str, tuple[str, dict[str, Any]]] = {
     "a listed endpoint": ("team-a", {"storage": {"endpoint": "https://s3.team-a.example"}}),
     "a listed credentials Secret": ("team-a", {"storage": {"credentialsSecret": "team-a-s3"}}),
     "a base model": ("team-b", {"model": {"s3": "s3://platform/base-models/qwen3-8b/"}}),
-    "the namespace's own earlier output": ("team-b", {"model": {"s3": "s3://platform/jobs/team-b/j1/merged/"}}),
+    "the namespace's own earlier output": (
+        "team-b",
+        {"model": {"s3": "s3://platform/jobs/team-b/j1/merged/"}},
+    ),
     "a model in the team's private bucket": ("team-a", {"model": {"s3": "s3://team-a-private/ft/m/"}}),
     "a listed data set": ("team-b", {"data": {"s3": "s3://platform/datasets/med/rows.jsonl"}}),
     "validation rows of the namespace": (
@@ -63,7 +66,12 @@ ALLOWED: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 REFUSED: dict[str, tuple[str, dict[str, Any], str, str]] = {
-    "a foreign image": ("team-b", {"image": "busybox:1.36"}, "spec.image", "ghcr.io/finetune-dev/finetune-trainer:0.1.0"),
+    "a foreign image": (
+        "team-b",
+        {"image": "busybox:1.36"},
+        "spec.image",
+        "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
+    ),
     "a look-alike repository": (
         "team-b",
         {"image": "ghcr.io/finetune-dev/finetune-trainer-evil:1"},
@@ -76,8 +84,18 @@ REFUSED: dict[str, tuple[str, dict[str, Any], str, str]] = {
         "spec.image",
         "not an allowed image",
     ),
-    "another namespace's image": ("team-b", {"image": "registry.team-a/trainer@sha256:abc"}, "spec.image", "not an allowed"),
-    "a foreign ServiceAccount": ("team-b", {"serviceAccountName": "admin"}, "spec.serviceAccountName", "finetune-trainer"),
+    "another namespace's image": (
+        "team-b",
+        {"image": "registry.team-a/trainer@sha256:abc"},
+        "spec.image",
+        "not an allowed",
+    ),
+    "a foreign ServiceAccount": (
+        "team-b",
+        {"serviceAccountName": "admin"},
+        "spec.serviceAccountName",
+        "finetune-trainer",
+    ),
     "another namespace's ServiceAccount": (
         "team-b",
         {"serviceAccountName": "team-a-iam"},
@@ -90,14 +108,24 @@ REFUSED: dict[str, tuple[str, dict[str, Any], str, str]] = {
         "spec.storage.uri",
         "<namespace>/<name>/",
     ),
-    "storage in an unlisted bucket": ("team-b", {"storage": {"uri": "s3://elsewhere/x"}}, "spec.storage.uri", "s3://platform/jobs"),
+    "storage in an unlisted bucket": (
+        "team-b",
+        {"storage": {"uri": "s3://elsewhere/x"}},
+        "spec.storage.uri",
+        "s3://platform/jobs",
+    ),
     "storage beside an override": (
         "team-a",
         {"storage": {"uri": "s3://team-a-private/ft-other"}},
         "spec.storage.uri",
         "s3://team-a-private/ft",
     ),
-    "storage on a local path": ("team-b", {"storage": {"uri": "/tmp/ckpt"}}, "spec.storage.uri", "not allowed"),
+    "storage on a local path": (
+        "team-b",
+        {"storage": {"uri": "/tmp/ckpt"}},
+        "spec.storage.uri",
+        "not allowed",
+    ),
     "storage with dot-dot": (
         "team-a",
         {"storage": {"uri": "s3://team-a-private/ft/../../platform/jobs/team-b"}},
@@ -110,7 +138,12 @@ REFUSED: dict[str, tuple[str, dict[str, Any], str, str]] = {
         "spec.storage.uri",
         "not allowed",
     ),
-    "an unlisted endpoint": ("team-b", {"storage": {"endpoint": "http://attacker:9000"}}, "spec.storage.endpoint", "http://minio:9000"),
+    "an unlisted endpoint": (
+        "team-b",
+        {"storage": {"endpoint": "http://attacker:9000"}},
+        "spec.storage.endpoint",
+        "http://minio:9000",
+    ),
     "a credentials Secret of its own choosing": (
         "team-b",
         {"storage": {"credentialsSecret": "admin-keys"}},
@@ -123,7 +156,12 @@ REFUSED: dict[str, tuple[str, dict[str, Any], str, str]] = {
         "spec.model.s3",
         "s3://platform/jobs/team-a/",
     ),
-    "a model in an unlisted bucket": ("team-b", {"model": {"s3": "s3://other-bucket/m/"}}, "spec.model.s3", "base-models"),
+    "a model in an unlisted bucket": (
+        "team-b",
+        {"model": {"s3": "s3://other-bucket/m/"}},
+        "spec.model.s3",
+        "base-models",
+    ),
     "a model beside the base models": (
         "team-b",
         {"model": {"s3": "s3://platform/base-models-private/m/"}},

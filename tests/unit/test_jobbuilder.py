@@ -253,7 +253,9 @@ def test_storage_required_somewhere() -> None:
     with pytest.raises(InvalidJobError) as e:
         build_job(ftj(storage={"uri": "s3://own-bucket/x"}), cfg)
     assert (e.value.field, e.value.reason) == ("spec.storage.uri", "NotAllowed")
-    cfg = OperatorConfig.model_validate({"policy": {"namespaces": {"team-a": {"storageUris": ["s3://own-bucket"]}}}})
+    cfg = OperatorConfig.model_validate(
+        {"policy": {"namespaces": {"team-a": {"storageUris": ["s3://own-bucket"]}}}}
+    )
     job = build_job(ftj(storage={"uri": "s3://own-bucket/x"}), cfg)
     manifest = json.loads(job["spec"]["template"]["metadata"]["annotations"][ANNOTATION_JOB_MANIFEST])
     assert manifest["spec"]["storage"]["uri"] == "s3://own-bucket/x/team-a/qwen-medical"
