@@ -553,6 +553,10 @@ class Bench:
             "defaultNodeSelector": {"type": "kwok"},
             "defaultTolerations": [kwokpods.KWOK_TOLERATION],
             "reportUrl": f"http://127.0.0.1:{progress_port}",
+            # Every simulated pod reports from 127.0.0.1; on a cluster each has its own address
+            # and its own budget, so the per-address rate limit is lifted here.
+            "reportRatePerSecond": 1_000_000,
+            "reportBurst": 1_000_000,
             "statusWriteIntervalSeconds": STATUS_WRITE_INTERVAL,
             "resyncSeconds": RESYNC_SECONDS,
             "ports": {"metrics": free_port(), "progress": progress_port, "health": free_port()},
