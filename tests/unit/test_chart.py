@@ -20,6 +20,7 @@ EVERYTHING = (
 )  # fmt: skip
 HA = ("--set", "replicas=2")
 SCOPED = ("--set", "config.namespaces={team-a,team-b}")
+CLUSTER_WIDE = ("--set", "rbac.clusterWide=true")
 
 NAMESPACED_RULES = [
     {
@@ -142,7 +143,9 @@ def test_leader_election_follows_replicas():
     assert find(docs, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
     single = helm_template()
     assert find(single, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
-    assert not [d for d in single if d["kind"] == "Role"], "a lease Role without leader election"
+    assert not [d for d in single if d["metadata"]["name"].endswith("-leader-election")], (
+        "a lease Role without leader election"
+    )
 
 
 def test_pod_meets_the_restricted_pod_security_standard():
@@ -167,7 +170,7 @@ def _no_wildcards_or_secrets(rules: list[dict]) -> None:
 
 
 def test_rbac_is_exactly_the_documented_least_privilege():
-    docs = helm_template(*HA)
+    docs = helm_template(*HA, *CLUSTER_WIDE)
     cluster_role = find(docs, "ClusterRole")
     assert cluster_role["rules"] == [TOKENREVIEW_RULE, *NAMESPACED_RULES]
     for doc in docs:
@@ -175,6 +178,52 @@ def test_rbac_is_exactly_the_documented_least_privilege():
             _no_wildcards_or_secrets(doc["rules"])
     binding = find(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+
+
+def test_by_default_only_the_release_namespace_is_served():
+    """No Job rights outside the served namespaces unless rbac.clusterWide says so."""
+    docs = helm_template()
+    assert find(docs, "ClusterRole")["rules"] == [TOKENREVIEW_RULE]
+    role = find(docs, "Role", FULLNAME)
+    assert role["metadata"]["namespace"] == NAMESPACE and role["rules"] == NAMESPACED_RULES
+    assert find(docs, "RoleBinding", FULLNAME)["metadata"]["namespace"] == NAMESPACE
+    assert operator_config(docs).namespaces == [NAMESPACE]
+    wide = helm_template(*CLUSTER_WIDE)
+    assert not [d for d in wide if d["kind"] == "Role"]
+    assert operator_config(wide).namespaces == []
+
+
+def test_admission_policies_carry_the_allowlists():
+    docs = helm_template(
+        "--set", "config.defaultImage=reg/trainer:2",
+        "--set", "config.policy.images={reg/trainer:*,reg/other:1}",
+        "--set", "config.trainerServiceAccount=finetune-trainer",
+        "--set", "config.policy.namespaces.team-a.serviceAccounts={team-a-iam}",
+    )  # fmt: skip
+    jobs = find(docs, "ValidatingAdmissionPolicy", f"{FULLNAME}-jobs")
+    assert jobs["spec"]["matchConditions"][0]["expression"] == (
+        f'request.userInfo.username == "system:serviceaccount:{NAMESPACE}:{FULLNAME}"'
+    )
+    variables = {v["name"]: v["expression"] for v in jobs["spec"]["variables"]}
+    assert variables["exact"].startswith('["reg/trainer:2","reg/other:1"]')
+    assert variables["repos"].startswith('["reg/trainer"]')
+    assert (
+        variables["accounts"].startswith('["finetune-trainer"]')
+        and '"team-a":["team-a-iam"]' in variables["accounts"]
+    )
+    refs = find(docs, "ValidatingAdmissionPolicy", f"{FULLNAME}-secret-refs")
+    messages = " ".join(v["messageExpression"] for v in refs["spec"]["validations"])
+    for field in (
+        "spec.model.tokenSecretRef",
+        "spec.tracking.passwordSecretRef",
+        "spec.storage.credentialsSecret",
+    ):
+        assert field in messages
+    for name in (f"{FULLNAME}-jobs", f"{FULLNAME}-secret-refs"):
+        binding = find(docs, "ValidatingAdmissionPolicyBinding", name)
+        assert binding["spec"] == {"policyName": name, "validationActions": ["Deny"]}
+    off = helm_template("--set", "admissionPolicy.enabled=false")
+    assert not [d for d in off if d["kind"].startswith("ValidatingAdmissionPolicy")]
 
 
 def test_watched_namespaces_get_roles_not_a_cluster_role():
@@ -216,6 +265,10 @@ def test_optional_objects_are_off_by_default():
         "ConfigMap",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
         "Service",
         "Deployment",
     }
