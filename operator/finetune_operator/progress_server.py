@@ -311,7 +311,7 @@ class ProgressService:
         if refused is not None:
             return refused
         assert found is not None
-        ftj, _job = found
+        ftj = found[0]
         try:
             report = await request.json()
         except ValueError:
