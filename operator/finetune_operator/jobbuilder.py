@@ -29,6 +29,9 @@ TOKEN_FILE = "token"
 WORK_DIR = "/work"
 TERMINATION_LOG = "/dev/termination-log"
 PROGRESS_PORT = 9090
+MAX_MANIFEST_BYTES = 256 * 1024 - 1024
+"""The API server's limit on a pod's annotations (256 KiB, keys and values), less room for
+annotations that admission controllers add."""
 
 ENV_HUB_TOKEN = "HF_TOKEN"
 ENV_DATA_HUB_TOKEN = "HF_DATA_TOKEN"
@@ -221,6 +224,14 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     if spec.queue_name:
         job_meta_labels[LABEL_KUEUE_QUEUE] = spec.queue_name
     manifest = json.dumps(trainer_manifest(ftj, cfg), separators=(",", ":"), sort_keys=True)
+    size = len(ANNOTATION_JOB_MANIFEST) + len(manifest.encode())
+    if size > MAX_MANIFEST_BYTES:
+        raise InvalidJobError(
+            "spec",
+            f"the job's manifest is {size} bytes; the pod gets it as an annotation, and Kubernetes "
+            f"allows {MAX_MANIFEST_BYTES} bytes of annotations: shorten the longest texts "
+            "(template.systemPrompt, template.format, samples.prompts)",
+        )
     container = {
         "name": CONTAINER,
         "image": spec.image or cfg.default_image,
@@ -338,6 +349,8 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if cfg.job_ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = cfg.job_ttl_seconds_after_finished
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
