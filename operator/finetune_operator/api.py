@@ -59,7 +59,9 @@ def quantity_value(text: str) -> float:
 
 def _positive_quantity(value: str | None) -> str | None:
     if value is not None and quantity_value(value) <= 0:
-        raise ValueError(f"{value!r}: expected a quantity above 0 (a limit of 0 is no limit a pod can run in)")
+        raise ValueError(
+            f"{value!r}: expected a quantity above 0 (a limit of 0 is no limit a pod can run in)"
+        )
     return value
 
 
@@ -78,7 +80,9 @@ Quantity = Annotated[
     Field(
         max_length=32,
         pattern=QUANTITY,
-        json_schema_extra=validations(cel(_POSITIVE, "must be a quantity above 0, for example 8, 500m or 64Gi")),
+        json_schema_extra=validations(
+            cel(_POSITIVE, "must be a quantity above 0, for example 8, 500m or 64Gi")
+        ),
     ),
     AfterValidator(_positive_quantity),
 ]
@@ -123,15 +127,17 @@ class Toleration(Spec):
         if self.operator == "Exists" and self.value:
             raise ValueError("value must be empty with operator Exists")
         if self.operator == "Equal" and not self.key:
-            raise ValueError("key is required with operator Equal (an empty key with operator Exists tolerates every taint)")
+            raise ValueError(
+                "key is required with operator Equal "
+                "(an empty key with operator Exists tolerates every taint)"
+            )
         if self.toleration_seconds is not None and self.effect != "NoExecute":
             raise ValueError("tolerationSeconds is only for effect NoExecute")
         return self
 
 
 class ResourceSpec(Spec):
-    """Compute for the training pod. Applied at the next pod: a change reaches a running job's
-    Job when its pod is replaced (suspend and resume, a preemption)."""
+    """Compute for the training pod."""
 
     gpus: int = Field(default=1, ge=0, le=16)
     """GPUs for the pod (requests = limits). 0 trains on the CPU (tiny models, tests)."""
@@ -156,8 +162,10 @@ class ResourceSpec(Spec):
     @field_validator("gpu_resource")
     @classmethod
     def _extended(cls, value: str) -> str:
-        if value.split("/")[0].endswith("kubernetes.io"):
-            raise ValueError("must be an extended resource outside the kubernetes.io domain, such as nvidia.com/gpu")
+        if value.split("/", maxsplit=1)[0].endswith("kubernetes.io"):
+            raise ValueError(
+                "must be an extended resource outside the kubernetes.io domain, such as nvidia.com/gpu"
+            )
         return value
 
 
@@ -173,6 +181,26 @@ class JobStorageSpec(StorageSpec):
 
 IMMUTABLE_FIELDS = ("model", "data", "template", "lora", "training")
 """The training spec: a running job's checkpoints are only valid for these values."""
+FIXED_FIELDS = (
+    "checkpoint",
+    "evaluation",
+    "export",
+    "samples",
+    "tracking",
+    "storage",
+    "image",
+    "resources",
+    "nodeSelector",
+    "tolerations",
+    "priorityClassName",
+    "queueName",
+    "backoffLimit",
+    "serviceAccountName",
+)
+"""Everything else but `suspend` and `activeDeadlineSeconds`: a batch/v1 Job's pod template cannot
+change, so a change here could never reach the running pod nor the next one."""
+MUTABLE_FIELDS = ("suspend", "activeDeadlineSeconds")
+"""Applied to the running Job at once."""
 
 # The training spec's rules across sections, then the transition rules: those (oldSelf) run on
 # update only; spec is required, so oldSelf always exists. One rule per field, so the API server's
@@ -187,6 +215,17 @@ _SPEC_RULES = validations(
             f".{name}",
         )
         for name in IMMUTABLE_FIELDS
+    ),
+    *(
+        cel(
+            f"has(self.{name}) == has(oldSelf.{name})"
+            f" && (!has(self.{name}) || self.{name} == oldSelf.{name})",
+            f"{name} is immutable: the training Job's pod template cannot change; only suspend and "
+            "activeDeadlineSeconds can be changed on a created job (create a new FineTuneJob, it "
+            "resumes from nothing: checkpoints are per job)",
+            f".{name}",
+        )
+        for name in FIXED_FIELDS
     ),
 )
 
@@ -223,9 +262,11 @@ class FineTuneJobSpec(TrainingSpec):
     queue_name: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     """Kueue LocalQueue: the Job is created suspended with the `kueue.x-k8s.io/queue-name` label."""
     suspend: bool = False
-    """Stop the training pod (it checkpoints first); false again resumes from the checkpoint."""
+    """Stop the training pod (it checkpoints first); false again resumes from the checkpoint.
+    Mutable: applied to the running Job at once, whatever else is wrong with the job."""
     active_deadline_seconds: int | None = Field(default=None, ge=60)
-    """Wall-clock limit for the whole job, preemptions included."""
+    """Wall-clock limit for the whole job, preemptions included. Mutable: applied to the running
+    Job at once. Every other field is immutable once the job is created."""
     backoff_limit: int = Field(default=3, ge=0, le=100)
     """Failed attempts allowed before the job fails. Preemptions and evictions do not count."""
     service_account_name: ObjectName | None = None

@@ -46,7 +46,6 @@ from finetune_operator.status import (
     create_refused_status,
     derive_status,
     invalid_status,
-    observe,
     parse_time,
     transition,
 )
@@ -58,8 +57,14 @@ SELECTOR = {LABEL_MANAGED_BY: MANAGED_BY}
 FTJ = (API_GROUP, API_VERSION, PLURAL)
 STATUS_WRITE_ATTEMPTS = 3
 GIVEN_UP = frozenset(
-    {"SecretMissing", "PriorityClassNotFound", "ServiceAccountNotFound", "QuotaExceeded", "LimitRangeRefused",
-     "PodCreateFailed"}
+    {
+        "SecretMissing",
+        "PriorityClassNotFound",
+        "ServiceAccountNotFound",
+        "QuotaExceeded",
+        "LimitRangeRefused",
+        "PodCreateFailed",
+    }
 )
 """Failed reasons whose Job the operator deletes: its pod never started, it only holds a quota."""
 POD_CREATE_PATIENCE_SECONDS = 5.0
@@ -306,11 +311,14 @@ class Controller:
             return
         phase = (ftj.get("status") or {}).get("phase")
         spec = self._spec(key, ftj)
-        if isinstance(spec, InvalidJobError):
+        job = self._job(key)
+        if isinstance(spec, InvalidJobError) and (job is None or not is_owned_by(job, ftj)):
+            # Refused before a Job exists. A job whose Job exists goes on below whatever its spec
+            # says now (the operator's limits may have changed since): its status keeps telling
+            # the truth about the pod, and suspend keeps working.
             field, message = spec.field, spec.message
             await self._write_status(key, ftj, lambda obj: invalid_status(obj, field, message, _now()))
             return
-        job = self._job(key)
         if job is None and phase in ("Succeeded", "Failed"):
             return  # nothing left to observe (the Job was deleted): the final status stands
         if job is None:
@@ -321,14 +329,19 @@ class Controller:
                 if not refusal.permanent:
                     # A quota on Jobs, an admission webhook down: said in status, retried with backoff.
                     await self._write_status(
-                        key, ftj, lambda obj: create_refused_status(obj, refusal.field, refusal.message, _now())
+                        key,
+                        ftj,
+                        lambda obj: create_refused_status(obj, refusal.field, refusal.message, _now()),
                     )
                     raise
                 await self._write_status(
                     key, ftj, lambda obj: invalid_status(obj, refusal.field, refusal.message, _now())
                 )
                 log.info(
-                    "Job create refused: %s: %s", refusal.field, refusal.message, extra={"fields": _fields(key)}
+                    "Job create refused: %s: %s",
+                    refusal.field,
+                    refusal.message,
+                    extra={"fields": _fields(key)},
                 )
                 return
             if job is None:
@@ -342,7 +355,7 @@ class Controller:
             )
             return
         if job is not None and phase not in ("Succeeded", "Failed"):
-            patch = job_spec_patch(ftj, job, spec)
+            patch = job_spec_patch(ftj, job, None if isinstance(spec, InvalidJobError) else spec)
             if patch:
                 job = await self.kube.patch_job(key[0], job["metadata"]["name"], patch)
         pods = self._pods(key[0], job) if job is not None else []

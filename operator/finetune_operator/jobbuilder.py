@@ -392,15 +392,22 @@ def job_spec_patch(
     """A merge patch bringing an existing Job's mutable fields (suspend, activeDeadlineSeconds) in line
     with the FineTuneJob, or None. With a Kueue queue, Kueue owns `suspend` (it unsuspends on
     admission), so the operator only ever sets it to true on the user's request. `spec`: the
-    FineTuneJob's spec already parsed."""
-    spec = spec or parse_spec(ftj)
+    FineTuneJob's spec already parsed; without it the fields are read as they stand, so suspend
+    applies even to a spec that no longer parses (suspend works whatever else is wrong)."""
+    if spec is not None:
+        suspend, queue, deadline = spec.suspend, spec.queue_name, spec.active_deadline_seconds
+    else:
+        raw = ftj.get("spec") or {}
+        suspend, queue = raw.get("suspend") is True, raw.get("queueName")
+        deadline = raw.get("activeDeadlineSeconds")
+        deadline = deadline if isinstance(deadline, int) and deadline >= 60 else None
     current = job.get("spec") or {}
     patch: dict[str, Any] = {}
-    if spec.queue_name is None:
-        if bool(current.get("suspend")) != spec.suspend:
-            patch["suspend"] = spec.suspend
-    elif spec.suspend and not current.get("suspend"):
+    if queue is None:
+        if bool(current.get("suspend")) != suspend:
+            patch["suspend"] = suspend
+    elif suspend and not current.get("suspend"):
         patch["suspend"] = True
-    if current.get("activeDeadlineSeconds") != spec.active_deadline_seconds:
-        patch["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if current.get("activeDeadlineSeconds") != deadline:
+        patch["activeDeadlineSeconds"] = deadline
     return {"spec": patch} if patch else None

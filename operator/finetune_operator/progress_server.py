@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-
 from finetune_trainer.contract import ReportError, parse_report
 
 from finetune_operator import events

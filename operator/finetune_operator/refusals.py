@@ -88,11 +88,17 @@ class PodCreateFailure:
 
 _FAILURES: tuple[tuple[re.Pattern[str], str, str], ...] = (
     (re.compile(r"no PriorityClass with name", re.I), "PriorityClassNotFound", "spec.priorityClassName"),
-    (re.compile(r"serviceaccount .* not found|error looking up service account", re.I),
-     "ServiceAccountNotFound", "spec.serviceAccountName"),
+    (
+        re.compile(r"serviceaccount .* not found|error looking up service account", re.I),
+        "ServiceAccountNotFound",
+        "spec.serviceAccountName",
+    ),
     (re.compile(r"exceeded quota|forbidden: failed quota", re.I), "QuotaExceeded", "spec.resources"),
-    (re.compile(r"LimitRange|maximum .* usage per|minimum .* usage per", re.I), "LimitRangeRefused",
-     "spec.resources"),
+    (
+        re.compile(r"LimitRange|maximum .* usage per|minimum .* usage per", re.I),
+        "LimitRangeRefused",
+        "spec.resources",
+    ),
 )
 
 

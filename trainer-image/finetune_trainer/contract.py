@@ -84,9 +84,9 @@ class SampleLines(Wire):
     prompt: SampleText | None = None
     before: SampleText | None = None
     after: SampleText | None = None
-    gguf: Annotated[dict[Annotated[str, StringConstraints(max_length=16)], SampleText | None], Field(max_length=6)] = (
-        Field(default_factory=dict)
-    )
+    gguf: Annotated[
+        dict[Annotated[str, StringConstraints(max_length=16)], SampleText | None], Field(max_length=6)
+    ] = Field(default_factory=dict)
 
 
 class JobRef(Wire):
@@ -191,7 +191,9 @@ def build_report(
     becomes null with `diverged` set; any other non-finite figure becomes null (a measurement
     that failed, not a value). Raises ReportError if the snapshot breaks the contract anyway."""
     doc = {k: finite(v) for k, v in snapshot.items()}
-    doc["diverged"] = bool(snapshot.get("diverged")) or (snapshot.get("loss") is not None and doc.get("loss") is None)
+    doc["diverged"] = bool(snapshot.get("diverged")) or (
+        snapshot.get("loss") is not None and doc.get("loss") is None
+    )
     doc |= {
         "job": job,
         "sequence": sequence,

@@ -23,6 +23,6 @@ class ConfigError(Exception):
         self.message = message
 
 
-class TrainingDiverged(ConfigError):
+class DivergedError(ConfigError):
     """The loss was not finite for spec.training.maxNonFiniteSteps steps in a row: the same spec
     and data diverge again on a retry, so it exits like a configuration error."""
