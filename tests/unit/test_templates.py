@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 from finetune_trainer import templates
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.spec import PromptTemplate
+from pydantic import ValidationError
 
 EOS = "</s>"
 
@@ -97,7 +97,7 @@ def test_custom_sample_prompt_ends_before_the_last_placeholder() -> None:
 @pytest.mark.parametrize("fmt", ["{} and {}", "{row[0]}", "{a.b}", "no placeholders", "{unclosed"])
 def test_custom_format_must_use_plain_named_placeholders(fmt: str) -> None:
     # Refused when the spec is parsed (the operator before the Job, the trainer at start) ...
-    with pytest.raises(ValidationError, match="template.format"):
+    with pytest.raises(ValidationError, match=r"template\.format"):
         PromptTemplate(type="custom", format=fmt)
     # ... and by the same parser wherever the trainer reads a format string.
     with pytest.raises(ConfigError) as e:
