@@ -7,6 +7,7 @@ models (`python -m finetune_operator crds`).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from finetune_trainer.spec import (
@@ -21,7 +22,7 @@ from finetune_trainer.spec import (
     cel,
     validations,
 )
-from pydantic import Field
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["API_GROUP", "API_VERSION", "KIND", "PLURAL", "SHORT_NAME", "SecretKeyRef"]
 
@@ -30,19 +31,109 @@ SINGULAR = "finetunejob"
 SHORT_NAME = "ftj"
 
 
+# Kubernetes' own grammars (apimachinery's validation): label keys and values, DNS subdomain names,
+# resource quantities. Go's regexp (the API server) and Rust's (pydantic) both read these.
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$"
+_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = rf"^({_DNS_LABEL}(\.{_DNS_LABEL})*/)?{_NAME_PART}$"
+LABEL_VALUE = rf"^({_NAME_PART})?$"
+EXTENDED_RESOURCE = rf"^{_DNS_LABEL}(\.{_DNS_LABEL})+/{_NAME_PART}$"
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
+"""A non-negative resource.Quantity: `8`, `500m`, `64Gi`, `1Ei`, `1e9`, `0.5`."""
+_POSITIVE = "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))"
+_SUFFIXES = {
+    **{s: 1024**i for i, s in enumerate(("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18},
+}
+
+
+def quantity_value(text: str) -> float:
+    """The value of a quantity matching QUANTITY (floating point: for comparisons, not arithmetic)."""
+    match = re.fullmatch(r"([0-9.]+)([eE][-+]?[0-9]+)?([A-Za-z]*)", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a quantity")
+    number, exponent, suffix = match.groups()
+    return float(number + (exponent or "")) * _SUFFIXES[suffix]
+
+
+def _positive_quantity(value: str | None) -> str | None:
+    if value is not None and quantity_value(value) <= 0:
+        raise ValueError(
+            f"{value!r}: expected a quantity above 0 (a limit of 0 is no limit a pod can run in)"
+        )
+    return value
+
+
+def _label_keys(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if len(key) > 316 or not re.fullmatch(LABEL_KEY, key):
+            raise ValueError(
+                f"{key!r} is not a label key: `name` or `prefix/name`, name up to 63 of [A-Za-z0-9_.-] "
+                "(starting and ending alphanumeric), prefix a DNS subdomain"
+            )
+    return value
+
+
+Quantity = Annotated[
+    str,
+    Field(
+        max_length=32,
+        pattern=QUANTITY,
+        json_schema_extra=validations(
+            cel(_POSITIVE, "must be a quantity above 0, for example 8, 500m or 64Gi")
+        ),
+    ),
+    AfterValidator(_positive_quantity),
+]
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)]
+_TOLERATION_RULES = validations(
+    cel(
+        "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "value must be empty with operator Exists",
+        ".value",
+    ),
+    cel(
+        "self.operator == 'Exists' || (has(self.key) && self.key != '')",
+        "key is required with operator Equal (an empty key with operator Exists tolerates every taint)",
+        ".key",
+    ),
+    cel(
+        "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "tolerationSeconds is only for effect NoExecute",
+        ".tolerationSeconds",
+    ),
+)
+
+
 class Toleration(Spec):
     """A pod toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(default=None, max_length=316)
+    model_config = ConfigDict(json_schema_extra=_TOLERATION_RULES)
+
+    key: str | None = Field(default=None, max_length=316, pattern=LABEL_KEY)
     """Taint key; empty with operator Exists matches every taint."""
     operator: Literal["Exists", "Equal"] = "Equal"
     """How key and value are compared."""
-    value: str | None = Field(default=None, max_length=63)
+    value: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE)
     """Taint value for operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to tolerate; every effect when unset."""
     toleration_seconds: int | None = Field(default=None, ge=0)
     """For NoExecute: how long the pod stays bound after the taint appears."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty with operator Exists")
+        if self.operator == "Equal" and not self.key:
+            raise ValueError(
+                "key is required with operator Equal "
+                "(an empty key with operator Exists tolerates every taint)"
+            )
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds is only for effect NoExecute")
+        return self
 
 
 class ResourceSpec(Spec):
@@ -50,14 +141,32 @@ class ResourceSpec(Spec):
 
     gpus: int = Field(default=1, ge=0, le=16)
     """GPUs for the pod (requests = limits). 0 trains on the CPU (tiny models, tests)."""
-    gpu_resource: str = Field(default="nvidia.com/gpu", max_length=253)
-    """Extended resource name of the GPU."""
-    cpu: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
-    """CPU request, for example `8` or `500m`; operator default when unset."""
-    memory: str | None = Field(
-        default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu",
+        max_length=253,
+        pattern=EXTENDED_RESOURCE,
+        json_schema_extra=validations(
+            cel(
+                "!self.split('/')[0].endsWith('kubernetes.io')",
+                "must be an extended resource outside the kubernetes.io domain, such as nvidia.com/gpu",
+            )
+        ),
     )
+    """Extended resource name of the GPU, `domain/name` such as `nvidia.com/gpu` or `amd.com/gpu`
+    (never cpu or memory)."""
+    cpu: Quantity | None = None
+    """CPU request, for example `8` or `500m`; operator default when unset."""
+    memory: Quantity | None = None
     """Memory request and limit, for example `64Gi`; operator default when unset."""
+
+    @field_validator("gpu_resource")
+    @classmethod
+    def _extended(cls, value: str) -> str:
+        if value.split("/", maxsplit=1)[0].endswith("kubernetes.io"):
+            raise ValueError(
+                "must be an extended resource outside the kubernetes.io domain, such as nvidia.com/gpu"
+            )
+        return value
 
 
 class JobStorageSpec(StorageSpec):
@@ -72,6 +181,26 @@ class JobStorageSpec(StorageSpec):
 
 IMMUTABLE_FIELDS = ("model", "data", "template", "lora", "training")
 """The training spec: a running job's checkpoints are only valid for these values."""
+FIXED_FIELDS = (
+    "checkpoint",
+    "evaluation",
+    "export",
+    "samples",
+    "tracking",
+    "storage",
+    "image",
+    "resources",
+    "nodeSelector",
+    "tolerations",
+    "priorityClassName",
+    "queueName",
+    "backoffLimit",
+    "serviceAccountName",
+)
+"""Everything else but `suspend` and `activeDeadlineSeconds`: a batch/v1 Job's pod template cannot
+change, so a change here could never reach the running pod nor the next one."""
+MUTABLE_FIELDS = ("suspend", "activeDeadlineSeconds")
+"""Applied to the running Job at once."""
 
 # The training spec's rules across sections, then the transition rules: those (oldSelf) run on
 # update only; spec is required, so oldSelf always exists. One rule per field, so the API server's
@@ -87,6 +216,17 @@ _SPEC_RULES = validations(
         )
         for name in IMMUTABLE_FIELDS
     ),
+    *(
+        cel(
+            f"has(self.{name}) == has(oldSelf.{name})"
+            f" && (!has(self.{name}) || self.{name} == oldSelf.{name})",
+            f"{name} is immutable: the training Job's pod template cannot change; only suspend and "
+            "activeDeadlineSeconds can be changed on a created job (create a new FineTuneJob, it "
+            "resumes from nothing: checkpoints are per job)",
+            f".{name}",
+        )
+        for name in FIXED_FIELDS
+    ),
 )
 
 
@@ -101,23 +241,35 @@ class FineTuneJobSpec(TrainingSpec):
     """Trainer image; the operator's default when unset."""
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     """GPUs, CPU and memory."""
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
-        default_factory=dict, max_length=32
+    node_selector: Annotated[
+        dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]], AfterValidator(_label_keys)
+    ] = Field(
+        default_factory=dict,
+        max_length=32,
+        json_schema_extra=validations(
+            cel(
+                f"self.all(k, size(k) <= 316 && k.matches(r'{LABEL_KEY}'))",
+                "every key must be a label key: `name` or `prefix/name`, name up to 63 of [A-Za-z0-9_.-] "
+                "(starting and ending alphanumeric), prefix a DNS subdomain",
+            )
+        ),
     )
     """Node labels the pod must match (merged over the operator's default)."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Tolerations, for example for tainted GPU nodes."""
-    priority_class_name: str | None = Field(default=None, max_length=253)
+    priority_class_name: ObjectName | None = None
     """PriorityClass of the training pod."""
     queue_name: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     """Kueue LocalQueue: the Job is created suspended with the `kueue.x-k8s.io/queue-name` label."""
     suspend: bool = False
-    """Stop the training pod (it checkpoints first); false again resumes from the checkpoint."""
+    """Stop the training pod (it checkpoints first); false again resumes from the checkpoint.
+    Mutable: applied to the running Job at once, whatever else is wrong with the job."""
     active_deadline_seconds: int | None = Field(default=None, ge=60)
-    """Wall-clock limit for the whole job, preemptions included."""
+    """Wall-clock limit for the whole job, preemptions included. Mutable: applied to the running
+    Job at once. Every other field is immutable once the job is created."""
     backoff_limit: int = Field(default=3, ge=0, le=100)
     """Failed attempts allowed before the job fails. Preemptions and evictions do not count."""
-    service_account_name: str | None = Field(default=None, max_length=253)
+    service_account_name: ObjectName | None = None
     """ServiceAccount of the training pod (for cloud IAM); it needs no Kubernetes API access."""
 
 
@@ -148,7 +300,10 @@ class Progress(Spec):
     percent: float | None = None
     """step / totalSteps x 100."""
     loss: float | None = None
-    """Latest logged training loss."""
+    """Latest logged training loss (the last finite one while `diverged`)."""
+    diverged: bool | None = None
+    """The latest loss was NaN or infinite; the trainer stops after
+    spec.training.maxNonFiniteSteps such steps in a row."""
     learning_rate: float | None = None
     """Latest learning rate."""
     tokens_per_second: float | None = None

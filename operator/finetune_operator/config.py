@@ -169,6 +169,17 @@ class OperatorConfig(_Model):
     secret_missing_grace_seconds: float = Field(default=60.0, ge=0)
     """A training pod that cannot start this long because a Secret (or a key in it) is missing fails
     its job (reason SecretMissing) and the Job is deleted; until then the Secret may still appear."""
+    pod_create_grace_seconds: float = Field(default=300.0, ge=0)
+    """A Job whose controller cannot create the training pod this long (a PriorityClass or
+    ServiceAccount that does not exist, a quota) fails its job with the reason and the spec field;
+    until then status says why it waits, and the missing object may still appear."""
+    job_ttl_seconds_after_finished: int | None = Field(default=3600, ge=60)
+    """ttlSecondsAfterFinished of the training Jobs: a finished Job (and its pods) is deleted this
+    long after it ends; the FineTuneJob keeps its final status and artifacts. At least a minute,
+    so the operator sees the Job's end before the Job is gone; None keeps them."""
+    reconcile_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    """A reconcile that keeps failing with an error is retried after 1, 2, 4, ... seconds, at most
+    this long apart (not on every event), and its error is logged once per distinct message."""
     max_concurrent_reconciles: int = Field(default=8, ge=1, le=256)
     """Reconciles running at once (each makes a few API calls); further jobs wait their turn in order
     (`finetune_operator_reconcile_queue_seconds`)."""

@@ -36,15 +36,16 @@ from finetune_operator.jobbuilder import (
     secret_fields,
     validate_limits,
 )
-from finetune_operator.kube import ConflictError, Kube, NotFoundError
+from finetune_operator.kube import ApiError, ConflictError, Kube, NotFoundError
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.naming import LABEL_MANAGED_BY, MANAGED_BY, job_name
 from finetune_operator.progress_server import ProgressService
+from finetune_operator.refusals import PodCreateFailure, job_refusal, pod_create_failure
 from finetune_operator.status import (
     cannot_start,
+    create_refused_status,
     derive_status,
     invalid_status,
-    observe,
     parse_time,
     transition,
 )
@@ -55,6 +56,21 @@ Key = tuple[str, str]
 SELECTOR = {LABEL_MANAGED_BY: MANAGED_BY}
 FTJ = (API_GROUP, API_VERSION, PLURAL)
 STATUS_WRITE_ATTEMPTS = 3
+GIVEN_UP = frozenset(
+    {
+        "SecretMissing",
+        "PriorityClassNotFound",
+        "ServiceAccountNotFound",
+        "QuotaExceeded",
+        "LimitRangeRefused",
+        "PodCreateFailed",
+    }
+)
+"""Failed reasons whose Job the operator deletes: its pod never started, it only holds a quota."""
+POD_CREATE_PATIENCE_SECONDS = 5.0
+"""A Job younger than this without a pod is not asked about: its controller is just slow."""
+REPORTED_FIELDS = frozenset({"progress", "checkpoint", "checkpoints", "bestCheckpoint", "samples"})
+"""Status fields that come from the trainer's reports (status.progress_patch)."""
 
 
 def _owner(obj: Any, kind: str) -> str | None:
@@ -133,6 +149,9 @@ class Controller:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = Slots(cfg.max_concurrent_reconciles)
         self._specs: dict[Key, tuple[tuple[str, int], FineTuneJobSpec | InvalidJobError]] = {}
+        self._failures: dict[Key, tuple[int, str]] = {}
+        """Consecutive failed reconciles and the last error, per job."""
+        self._backoff_until: dict[Key, float] = {}
 
     def bind(self, kwargs: dict[str, Any]) -> None:
         """Keep kopf's index objects (they are the same objects on every call)."""
@@ -197,10 +216,14 @@ class Controller:
         if event_type == "DELETED":
             self.ftjs.pop(key, None)
             self._specs.pop(key, None)
+            self._failures.pop(key, None)
+            self._backoff_until.pop(key, None)
             self.metrics.forget(*key)
             self.progress.forget(key)
             return
         known = self.ftjs.get(key)
+        if known is not None and known["metadata"].get("generation") != meta.get("generation"):
+            self._backoff_until.pop(key, None)  # the user changed the spec (suspend, ...): act now
         self.ftjs[key] = body
         self.progress.note_status(key, body)
         self.metrics.observe_job(*key, body.get("status") or {})
@@ -224,7 +247,10 @@ class Controller:
             self.poke((namespace, name))
 
     def poke(self, key: Key) -> None:
-        """Reconcile `key` soon; coalesced with a reconcile already running for it."""
+        """Reconcile `key` soon; coalesced with a reconcile already running for it, and held back
+        while the key's last reconcile failed and its retry is not yet due (see _failed)."""
+        if self._backoff_until.get(key, 0.0) > time.monotonic():
+            return
         if key in self._running:
             self._dirty.add(key)
             return
@@ -246,9 +272,10 @@ class Controller:
                     started = time.perf_counter()
                     try:
                         await self.reconcile(key)
-                    except Exception:
+                        self._failures.pop(key, None)
+                    except Exception as e:
                         self.metrics.reconcile_errors.inc()
-                        log.exception("reconcile failed", extra={"fields": _fields(key)})
+                        self._failed(key, e)
                     finally:
                         self.metrics.reconcile_duration.observe(time.perf_counter() - started)
                 finally:
@@ -258,6 +285,28 @@ class Controller:
                 poked = time.perf_counter()
         finally:
             self._running.discard(key)
+
+    def _failed(self, key: Key, error: Exception) -> None:
+        """A reconcile raised: retry after 1, 2, 4, ... seconds (at most reconcileBackoffMaxSeconds),
+        ignoring the pokes of watch events and resyncs meanwhile (an edit of the spec still goes
+        through at once), and log the error only when it differs from the previous one."""
+        count, last = self._failures.get(key, (0, ""))
+        text = f"{type(error).__name__}: {error}"[:300]
+        delay = min(2.0**count, self.cfg.reconcile_backoff_max_seconds)
+        if text != last:
+            log.exception(
+                "reconcile failed; retrying in %.0fs, then less often while it keeps failing so",
+                delay,
+                extra={"fields": _fields(key)},
+            )
+        self._failures[key] = (count + 1, text)
+        self._backoff_until[key] = time.monotonic() + delay
+        asyncio.get_running_loop().call_later(delay, self._retry, key)
+
+    def _retry(self, key: Key) -> None:
+        self._backoff_until.pop(key, None)
+        if key in self.ftjs:
+            self.poke(key)
 
     def _needs_job(self, key: Key) -> bool:
         """Whether the job is waiting for its Job to be created (reconciled first)."""
@@ -280,17 +329,41 @@ class Controller:
             return
         phase = (ftj.get("status") or {}).get("phase")
         spec = self._spec(key, ftj)
-        if isinstance(spec, InvalidJobError):
+        job = self._job(key)
+        if isinstance(spec, InvalidJobError) and (job is None or not is_owned_by(job, ftj)):
+            # Refused before a Job exists. A job whose Job exists goes on below whatever its spec
+            # says now (the operator's limits may have changed since): its status keeps telling
+            # the truth about the pod, and suspend keeps working.
             field, message, reason = spec.field, spec.message, spec.reason
             await self._write_status(
                 key, ftj, lambda obj: invalid_status(obj, field, message, _now(), reason=reason)
             )
             return
-        job = self._job(key)
         if job is None and phase in ("Succeeded", "Failed"):
             return  # nothing left to observe (the Job was deleted): the final status stands
         if job is None:
-            job = await self._create_or_adopt(key, ftj, build_job(ftj, self.cfg))
+            try:
+                job = await self._create_or_adopt(key, ftj, build_job(ftj, self.cfg))
+            except ApiError as e:
+                refusal = job_refusal(e.status, e.body)
+                if not refusal.permanent:
+                    # A quota on Jobs, an admission webhook down: said in status, retried with backoff.
+                    await self._write_status(
+                        key,
+                        ftj,
+                        lambda obj: create_refused_status(obj, refusal.field, refusal.message, _now()),
+                    )
+                    raise
+                await self._write_status(
+                    key, ftj, lambda obj: invalid_status(obj, refusal.field, refusal.message, _now())
+                )
+                log.info(
+                    "Job create refused: %s: %s",
+                    refusal.field,
+                    refusal.message,
+                    extra={"fields": _fields(key)},
+                )
+                return
             if job is None:
                 return
         if job is not None and not is_owned_by(job, ftj):
@@ -302,7 +375,7 @@ class Controller:
             )
             return
         if job is not None and phase not in ("Succeeded", "Failed"):
-            patch = job_spec_patch(ftj, job, spec)
+            patch = job_spec_patch(ftj, job, None if isinstance(spec, InvalidJobError) else spec)
             if patch:
                 job = await self.kube.patch_job(key[0], job["metadata"]["name"], patch)
         pods = self._pods(key[0], job) if job is not None else []
@@ -311,20 +384,46 @@ class Controller:
         report = self.progress.book.latest(key)
         secrets = secret_fields(ftj, self.cfg) if cannot_start(pods) else {}
         grace = self.cfg.secret_missing_grace_seconds
+        pod_failure = await self._pod_create_failure(key, job, pods, phase)
 
         def compute(obj: dict[str, Any]) -> dict[str, Any]:
-            return derive_status(obj, job, pods, report, _now(), secret_grace=grace, secret_fields=secrets)
+            return derive_status(
+                obj,
+                job,
+                pods,
+                report,
+                _now(),
+                secret_grace=grace,
+                secret_fields=secrets,
+                pod_failure=pod_failure,
+                pod_grace=self.cfg.pod_create_grace_seconds,
+            )
 
         status = await self._write_status(key, ftj, compute, job=job, pods=pods)
-        if job is not None and status.get("phase") == "Failed" and _reason(status) == "SecretMissing":
+        reason = _reason(status)
+        if job is not None and status.get("phase") == "Failed" and reason in GIVEN_UP:
             # Its pod can never start: stop holding the GPU (the final status stands, see above).
             with contextlib.suppress(NotFoundError, ConflictError):
                 await self.kube.delete_job(key[0], job["metadata"]["name"], job["metadata"]["uid"])
                 log.info(
-                    "deleted Job %s: a Secret is missing",
+                    "deleted Job %s: its pod cannot start (%s)",
                     job["metadata"]["name"],
+                    reason,
                     extra={"fields": _fields(key)},
                 )
+
+    async def _pod_create_failure(
+        self, key: Key, job: dict[str, Any] | None, pods: list[dict[str, Any]], phase: str | None
+    ) -> PodCreateFailure | None:
+        """Why the Job controller cannot create the pod, from the Job's FailedCreate Events; asked
+        only of a Job that should have a pod and has had none for a few seconds (one list call per
+        reconcile of such a job: at most once a resync while it waits)."""
+        if job is None or pods or phase in ("Succeeded", "Failed") or (job.get("spec") or {}).get("suspend"):
+            return None
+        created = parse_time(job["metadata"].get("creationTimestamp"))
+        if created is None or (_now() - created).total_seconds() < POD_CREATE_PATIENCE_SECONDS:
+            return None
+        return pod_create_failure(await self.kube.list_events(key[0], job["metadata"]["uid"]))
 
     def _spec(self, key: Key, ftj: dict[str, Any]) -> FineTuneJobSpec | InvalidJobError:
         """The parsed spec, or why it cannot run here; computed once per uid and generation (a
@@ -374,12 +473,26 @@ class Controller:
         read the object again and recompute (so e.g. a preemption is never counted twice).
         Returns the status as written (or as it stood, when nothing needed writing)."""
         obj = ftj
+        without_report = False
         for _ in range(STATUS_WRITE_ATTEMPTS):
             patch = compute(obj)
+            if without_report:
+                patch = {k: v for k, v in patch.items() if k not in REPORTED_FIELDS}
             if not patch:
                 return obj.get("status") or {}
             try:
                 new = await self.kube.patch_ftj_status(*key, patch, obj["metadata"]["resourceVersion"])
+            except ApiError as e:
+                if e.status != 422 or without_report or not patch.keys() & REPORTED_FIELDS:
+                    raise
+                # What the trainer reported cannot be written: the phase and conditions still are.
+                log.warning(
+                    "status write refused with the trainer's figures, writing it without them: %s",
+                    str(e)[:512],
+                    extra={"fields": _fields(key)},
+                )
+                without_report = True
+                continue
             except ConflictError:
                 try:
                     obj = await self.kube.get_ftj(*key)
@@ -418,8 +531,8 @@ class Controller:
         self.metrics.observe_job(*key, new.get("status") or {})
         moved = transition(old_status, patch)
         if moved:
-            observed = observe(new, job, pods) if job is not None else None
-            reason = observed.reason if observed else _reason(new.get("status") or {}) or "InvalidSpec"
+            conditions = patch.get("conditions") or [{}]
+            reason = conditions[0].get("reason") or "Unknown"  # every condition carries the reason
             message = patch.get("message") or ""
             log.info(
                 "phase %s -> %s: %s",

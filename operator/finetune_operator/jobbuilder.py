@@ -30,6 +30,9 @@ TOKEN_FILE = "token"
 WORK_DIR = "/work"
 TERMINATION_LOG = "/dev/termination-log"
 PROGRESS_PORT = 9090
+MAX_MANIFEST_BYTES = 256 * 1024 - 1024
+"""The API server's limit on a pod's annotations (256 KiB, keys and values), less room for
+annotations that admission controllers add."""
 
 ENV_HUB_TOKEN = "HF_TOKEN"
 ENV_DATA_HUB_TOKEN = "HF_DATA_TOKEN"
@@ -228,6 +231,14 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     if spec.queue_name:
         job_meta_labels[LABEL_KUEUE_QUEUE] = spec.queue_name
     manifest = json.dumps(trainer_manifest(ftj, cfg), separators=(",", ":"), sort_keys=True)
+    size = len(ANNOTATION_JOB_MANIFEST) + len(manifest.encode())
+    if size > MAX_MANIFEST_BYTES:
+        raise InvalidJobError(
+            "spec",
+            f"the job's manifest is {size} bytes; the pod gets it as an annotation, and Kubernetes "
+            f"allows {MAX_MANIFEST_BYTES} bytes of annotations: shorten the longest texts "
+            "(template.systemPrompt, template.format, samples.prompts)",
+        )
     container = {
         "name": CONTAINER,
         "image": spec.image or cfg.default_image,
@@ -346,6 +357,8 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if cfg.job_ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = cfg.job_ttl_seconds_after_finished
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -387,15 +400,22 @@ def job_spec_patch(
     """A merge patch bringing an existing Job's mutable fields (suspend, activeDeadlineSeconds) in line
     with the FineTuneJob, or None. With a Kueue queue, Kueue owns `suspend` (it unsuspends on
     admission), so the operator only ever sets it to true on the user's request. `spec`: the
-    FineTuneJob's spec already parsed."""
-    spec = spec or parse_spec(ftj)
+    FineTuneJob's spec already parsed; without it the fields are read as they stand, so suspend
+    applies even to a spec that no longer parses (suspend works whatever else is wrong)."""
+    if spec is not None:
+        suspend, queue, deadline = spec.suspend, spec.queue_name, spec.active_deadline_seconds
+    else:
+        raw = ftj.get("spec") or {}
+        suspend, queue = raw.get("suspend") is True, raw.get("queueName")
+        deadline = raw.get("activeDeadlineSeconds")
+        deadline = deadline if isinstance(deadline, int) and deadline >= 60 else None
     current = job.get("spec") or {}
     patch: dict[str, Any] = {}
-    if spec.queue_name is None:
-        if bool(current.get("suspend")) != spec.suspend:
-            patch["suspend"] = spec.suspend
-    elif spec.suspend and not current.get("suspend"):
+    if queue is None:
+        if bool(current.get("suspend")) != suspend:
+            patch["suspend"] = suspend
+    elif suspend and not current.get("suspend"):
         patch["suspend"] = True
-    if current.get("activeDeadlineSeconds") != spec.active_deadline_seconds:
-        patch["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if current.get("activeDeadlineSeconds") != deadline:
+        patch["activeDeadlineSeconds"] = deadline
     return {"spec": patch} if patch else None

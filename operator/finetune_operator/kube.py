@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,9 +38,11 @@ def load_client_config() -> None:
 class ApiError(Exception):
     """Any other non-2xx answer."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, body: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.body = body or {}
+        """The API server's Status object (reason, message, details.causes), when it sent one."""
 
 
 CLIENT_THREADS = 16
@@ -79,7 +82,15 @@ class Kube:
         if response.status == 404:
             raise NotFoundError(path)
         if not 200 <= response.status < 300:
-            raise ApiError(response.status, f"{method} {path}: {response.status} {data[:500]!r}")
+            try:
+                body = json.loads(data)
+            except ValueError:
+                body = None
+            raise ApiError(
+                response.status,
+                f"{method} {path}: {response.status} {data[:500]!r}",
+                body if isinstance(body, dict) else None,
+            )
         return json.loads(data) if data else {}
 
     def _ftj_path(self, namespace: str, name: str) -> str:
@@ -142,6 +153,11 @@ class Kube:
         return await self._raw(
             "PUT", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}", lease
         )
+
+    async def list_events(self, namespace: str, uid: str) -> list[dict[str, Any]]:
+        """core/v1 Events about the object with `uid` (the Job controller's FailedCreate, ...)."""
+        query = urllib.parse.urlencode({"fieldSelector": f"involvedObject.uid={uid}"})
+        return (await self._raw("GET", f"/api/v1/namespaces/{namespace}/events?{query}")).get("items") or []
 
     async def create_event(self, namespace: str, event: dict[str, Any]) -> dict[str, Any]:
         return await self._raw("POST", f"/api/v1/namespaces/{namespace}/events", event)

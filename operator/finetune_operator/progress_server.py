@@ -30,9 +30,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from finetune_trainer.contract import ReportError, parse_report
 
 from finetune_operator import admission, events
-from finetune_operator.kube import ConflictError, Kube, NotFoundError
+from finetune_operator.kube import ApiError, ConflictError, Kube, NotFoundError
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.status import is_newer_report, parse_time, progress_patch
 
@@ -47,6 +48,9 @@ MAX_CACHED_VERDICTS = 10_000
 FINISHED_PHASES = ("Succeeded", "Failed")
 FINISHED_POD_PHASES = ("Succeeded", "Failed")
 MAX_BODY_BYTES = 64 * 1024
+MESSAGE_LIMIT = 512
+REFUSALS_LOGGED = 10_000
+"""(job, field) pairs whose refusal was logged (bounded; beyond it refusals are only counted)."""
 
 Key = tuple[str, str]
 
@@ -261,16 +265,6 @@ class RateLimiter:
         return True
 
 
-def valid_report(doc: Any) -> bool:
-    """The fields status relies on have the right types."""
-    return (
-        isinstance(doc, dict)
-        and isinstance(doc.get("step"), int)
-        and isinstance(doc.get("reportedAt"), str)
-        and parse_time(doc["reportedAt"]) is not None
-    )
-
-
 class ProgressService:
     """The HTTP endpoint and the writer loop."""
 
@@ -299,6 +293,7 @@ class ProgressService:
         self._written: dict[Key, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals_logged: set[tuple[Key, str]] = set()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -312,16 +307,13 @@ class ProgressService:
             return refused
         assert found is not None
         ftj = found[0]
-        try:
-            report = await request.json()
-        except ValueError:
-            return self._reject("invalid", 400, "the body is not JSON")
-        if not valid_report(report):
-            return self._reject("invalid", 400, "expected step (integer) and reportedAt (RFC 3339)")
+        key = (namespace, name)
+        report = self.read_report(key, await request.read())
+        if isinstance(report, web.Response):
+            return report
         outside = uri_refusal(report, self.storage_prefix(ftj))
         if outside is not None:
             return self._reject("forbidden", 403, outside)
-        key = (namespace, name)
         if not self.book.offer(key, report):
             self.metrics.progress_reports.labels("stale").inc()
             return web.json_response({"accepted": False, "reason": "stale"}, status=200)
@@ -356,9 +348,26 @@ class ProgressService:
             return self._reject("forbidden", 403, why), None
         return None, found
 
-    def _reject(self, result: str, status: int, message: str) -> web.Response:
+    def read_report(self, key: Key, body: bytes) -> dict[str, Any] | web.Response:
+        """The report in `body` as the contract's plain dict, or a 400 naming the first field that
+        breaks the contract (contract.ProgressReport). A refused report touches nothing: not the
+        buffer, not status. Logged once per job and field: a trainer that keeps sending the same
+        bad report every few seconds does not flood the log (the refusal metric counts them all)."""
+        try:
+            return parse_report(body, datetime.now(UTC)).wire()
+        except ReportError as e:
+            if (key, e.field) not in self._refusals_logged and len(self._refusals_logged) < REFUSALS_LOGGED:
+                self._refusals_logged.add((key, e.field))
+                log.warning(
+                    "progress report refused: %s",
+                    str(e)[:MESSAGE_LIMIT],
+                    extra={"fields": {"namespace": key[0], "name": key[1], "field": e.field}},
+                )
+            return self._reject("invalid", 400, str(e)[:MESSAGE_LIMIT], field=e.field)
+
+    def _reject(self, result: str, status: int, message: str, field: str | None = None) -> web.Response:
         self.metrics.progress_reports.labels(result).inc()
-        return web.json_response({"error": message}, status=status)
+        return web.json_response({"error": message, **({"field": field} if field else {})}, status=status)
 
     async def run_writer(self) -> None:
         """Write due reports to status, forever."""
@@ -388,7 +397,7 @@ class ProgressService:
                     self.forget(key)
                     return
             status = obj.get("status") or {}
-            patch = progress_patch(status, report)
+            patch = progress_patch(status, report, datetime.now(UTC))
             if not patch:
                 self.book.mark_written(key, report, time.monotonic())
                 return
@@ -402,6 +411,18 @@ class ProgressService:
                 continue
             except NotFoundError:
                 self.forget(key)
+                return
+            except ApiError as e:
+                if e.status != 422:
+                    raise
+                # The API server's schema refuses what the contract let through (they drifted):
+                # drop this report rather than retry it every second; the next one may pass.
+                self.book.mark_written(key, report, time.monotonic())
+                log.warning(
+                    "progress write refused by the API server, report dropped: %s",
+                    str(e)[:MESSAGE_LIMIT],
+                    extra={"fields": {"namespace": key[0], "name": key[1]}},
+                )
                 return
             self.book.mark_written(key, report, time.monotonic())
             self.observe_checkpoint(key, status, patch)
@@ -436,10 +457,12 @@ class ProgressService:
         """A newer object seen elsewhere (watch, another write): use it as the base of the next write."""
         self._objects[key] = obj
         report = self.book.latest(key)
-        if report is not None and not is_newer_report(report, (obj.get("status") or {}).get("progress")):
+        progress = (obj.get("status") or {}).get("progress")
+        if report is not None and not is_newer_report(report, progress, datetime.now(UTC)):
             self.book.mark_written(key, report, time.monotonic())
 
     def forget(self, key: Key) -> None:
         self.book.forget(key)
+        self._refusals_logged = {k for k in self._refusals_logged if k[0] != key}
         self._objects.pop(key, None)
         self._written.pop(key, None)

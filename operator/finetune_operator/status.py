@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from finetune_trainer.contract import MAX_CLOCK_SKEW
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
 
 from finetune_operator.jobbuilder import CONTAINER
+from finetune_operator.refusals import PodCreateFailure
 
 PREEMPTED_PODS_KEPT = 50
 """Pod uids remembered as already counted as preemptions (bounded; older pods are long gone)."""
@@ -41,6 +43,7 @@ PROGRESS_FIELDS = {
     "bestEvalLoss": "bestEvalLoss",
     "bestEvalStep": "bestEvalStep",
     "evalsSinceBest": "evalsSinceBest",
+    "diverged": "diverged",
 }
 """Report field -> status.progress field (besides updatedAt)."""
 EVAL_FIELDS = ("evalLoss", "evalTokenAccuracy", "evalStep", "bestEvalLoss", "bestEvalStep", "evalsSinceBest")
@@ -370,18 +373,26 @@ def conditions_for(
     return out
 
 
-def is_newer_report(report: dict[str, Any], progress: dict[str, Any] | None) -> bool:
+def is_newer_report(
+    report: dict[str, Any], progress: dict[str, Any] | None, now: datetime | None = None
+) -> bool:
     """Whether `report` is newer than what status.progress already shows (by the trainer's
-    reportedAt; reports without a time never replace timed ones)."""
+    reportedAt; reports without a time never replace timed ones). A status time later than `now`
+    plus the contract's clock skew is no time at all: written before reports were checked (a
+    report dated 9999-12-31), it would otherwise make every real report look stale, forever."""
     reported = parse_time(report.get("reportedAt"))
     if reported is None:
         return False
     current = parse_time((progress or {}).get("updatedAt"))
+    if current is not None and now is not None and current > now + MAX_CLOCK_SKEW:
+        return True
     return current is None or reported > current
 
 
 def progress_from_report(report: dict[str, Any]) -> dict[str, Any]:
-    """status.progress from a trainer report (percent computed when the trainer left it out)."""
+    """status.progress from a trainer report (percent computed when the trainer left it out). A
+    field the report leaves null keeps its value (a merge patch): a diverged loss leaves the last
+    finite loss in place beside `diverged: true`."""
     progress = {
         ours: report[theirs] for theirs, ours in PROGRESS_FIELDS.items() if report.get(theirs) is not None
     }
@@ -460,13 +471,15 @@ def checkpoint_from_summary(
     return {"uri": summary["checkpointUri"], "step": summary["checkpointStep"], "time": when}
 
 
-def progress_patch(status: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
+def progress_patch(
+    status: dict[str, Any], report: dict[str, Any] | None, now: datetime | None = None
+) -> dict[str, Any]:
     """status fields a report changes (progress, checkpoint); empty when the report is stale.
 
     A pod that has not begun training (it reports step 0 while it loads and resumes) does not rewind
     the training figures a previous pod reached: only the trainer's phase and the time change until
     it trains again."""
-    if not report or not is_newer_report(report, status.get("progress")):
+    if not report or not is_newer_report(report, status.get("progress"), now):
         return {}
     progress = progress_from_report(report)
     current = status.get("progress") or {}
@@ -526,6 +539,26 @@ def secret_missing(
     )
 
 
+def pod_create_failed(failure: PodCreateFailure, now: datetime, grace: float) -> Observed:
+    """Pending while the Job controller cannot create the pod (the reason and the field to fix in
+    status, not only in the Job's Events), Failed once that has lasted `grace` seconds."""
+    since = parse_time(failure.since) or now
+    waited = (now - since).total_seconds()
+    if waited >= grace:
+        return Observed(
+            "Failed",
+            failure.reason,
+            f"the training pod could not be created for {waited:.0f}s: {failure.message}; fix "
+            f"{failure.field}, then create the job again",
+        )
+    return Observed(
+        "Pending",
+        failure.reason,
+        f"the training pod cannot be created: {failure.message}; fix {failure.field} (the job fails "
+        f"if this lasts {grace:.0f}s, at {rfc3339(since + timedelta(seconds=grace))})",
+    )
+
+
 def derive_status(
     ftj: dict[str, Any],
     job: dict[str, Any] | None,
@@ -535,17 +568,23 @@ def derive_status(
     *,
     secret_grace: float | None = None,
     secret_fields: dict[str, str] | None = None,
+    pod_failure: PodCreateFailure | None = None,
+    pod_grace: float = 300.0,
 ) -> dict[str, Any]:
     """A merge patch for `.status` (empty when nothing changed). `pods` are the Job's pods;
     `progress_report` the newest report from the trainer (ignored when not newer than status).
     With `secret_grace`, a pod unable to start for want of a Secret that long fails the job
-    (`secret_fields`: Secret name -> the spec field naming it, for the message)."""
+    (`secret_fields`: Secret name -> the spec field naming it, for the message). `pod_failure`:
+    why the Job controller cannot create the pod (refusals.pod_create_failure), failing the job
+    after `pod_grace` seconds."""
     status = dict(ftj.get("status") or {})
     generation = ftj["metadata"].get("generation")
     observed = observe(ftj, job, pods)
     if observed.phase == "Pending" and secret_grace is not None:
         observed = secret_missing(ftj, pods, now, secret_grace, secret_fields or {}) or observed
-    new: dict[str, Any] = {**progress_patch(status, progress_report)}
+    if observed.reason == "PodPending" and not pods and pod_failure is not None:
+        observed = pod_create_failed(pod_failure, now, pod_grace)
+    new: dict[str, Any] = {**progress_patch(status, progress_report, now)}
     progress = new.get("progress", status.get("progress"))
     new["phase"] = observed.phase
     new["message"] = observed.message
@@ -613,6 +652,21 @@ def invalid_status(
         "observedGeneration": generation,
         "conditions": conditions_for(status.get("conditions") or [], observed, None, generation, now),
         "completionTime": status.get("completionTime") or rfc3339(now),
+    }
+    return {k: v for k, v in new.items() if status.get(k) != v}
+
+
+def create_refused_status(ftj: dict[str, Any], field: str, message: str, now: datetime) -> dict[str, Any]:
+    """Status patch while the API server refuses to create the Job for a reason that may pass (a
+    quota on Jobs, an admission webhook): Pending, reason JobCreateRefused, naming the field."""
+    status = ftj.get("status") or {}
+    generation = ftj["metadata"].get("generation")
+    observed = Observed("Pending", "JobCreateRefused", f"{message}; retrying (fix {field})")
+    new = {
+        "phase": "Pending",
+        "message": observed.message,
+        "observedGeneration": generation,
+        "conditions": conditions_for(status.get("conditions") or [], observed, None, generation, now),
     }
     return {k: v for k, v in new.items() if status.get(k) != v}
 

@@ -24,6 +24,7 @@ from localkube.cluster import wait
 from localkube.rest import MERGE, HttpError, Rest
 
 RESYNC_SECONDS = 10.0
+POD_CREATE_GRACE_SECONDS = 20.0
 OPERATOR_USER = "finetune-operator"
 API = "/apis/finetune.dev/v1alpha1"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -174,6 +175,7 @@ def start(workdir: Path, bin_dir: Path, s3: Any) -> FaultEnv:
             resyncSeconds=RESYNC_SECONDS,
             statusWriteIntervalSeconds=1,
             secretMissingGraceSeconds=2,
+            podCreateGraceSeconds=POD_CREATE_GRACE_SECONDS,
             allowedModelSources=["unsloth/", "/", "s3://"],
             policy={
                 "credentialsSecrets": ["partial-s3"],

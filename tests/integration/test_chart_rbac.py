@@ -82,7 +82,7 @@ DOCUMENTED = {
     "finetunejobs.finetune.dev/status": {"get", "patch", "update"},
     "jobs.batch": {"create", "get", "list", "watch", "patch", "delete"},
     "pods": {"get", "list", "watch"},
-    "events": {"create", "patch"},
+    "events": {"create", "patch", "list"},
     "tokenreviews.authentication.k8s.io": {"create"},
 }
 

@@ -16,7 +16,7 @@ import finetune_trainer
 import pytest
 import yaml
 from finetune_operator import crdgen
-from finetune_operator.api import FineTuneJobSpec, FineTuneJobStatus
+from finetune_operator.api import IMMUTABLE_FIELDS, FineTuneJobSpec, FineTuneJobStatus
 
 Schema = dict[str, Any]
 
@@ -114,8 +114,8 @@ def test_cel_rules_name_existing_fields(root: Schema) -> None:
     """A renamed field would leave a CEL rule pointing at nothing; catch it before the API server."""
     for path, node in nodes(root):
         for rule in node.get("x-kubernetes-validations", []):
-            if node.get("x-kubernetes-int-or-string"):
-                continue
+            if node.get("x-kubernetes-int-or-string") or "properties" not in node:
+                continue  # a rule on a scalar or a map: `self` is the value, it names no field
             names = set(re.findall(r"(?:self|oldSelf)\.(\w+)", rule["rule"]))
             names |= {rule["fieldPath"].lstrip(".")} if "fieldPath" in rule else set()
             assert names <= node["properties"].keys(), (path, rule)
@@ -124,10 +124,15 @@ def test_cel_rules_name_existing_fields(root: Schema) -> None:
 def test_training_spec_is_immutable_field_by_field(root: Schema) -> None:
     spec = root["properties"]["spec"]
     rules = {r["fieldPath"]: r["rule"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]}
-    assert rules == {
+    assert {k: v for k, v in rules.items() if k.lstrip(".") in IMMUTABLE_FIELDS} == {
         f".{name}": f"self.{name} == oldSelf.{name}"
         for name in ("model", "data", "template", "lora", "training")
     }
+    # Every other field but suspend and activeDeadlineSeconds is immutable too, with a rule that
+    # also holds for optional fields (set to unset is a change).
+    fields = spec["properties"].keys()
+    assert {k.lstrip(".") for k in rules} == set(fields) - {"suspend", "activeDeadlineSeconds"}
+    assert rules[".image"].startswith("has(self.image) == has(oldSelf.image)")
     assert "spec" in root["required"]  # so oldSelf always exists on update
 
 

@@ -6,6 +6,7 @@ import pytest
 from finetune_trainer import templates
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.spec import PromptTemplate
+from pydantic import ValidationError
 
 EOS = "</s>"
 
@@ -95,8 +96,12 @@ def test_custom_sample_prompt_ends_before_the_last_placeholder() -> None:
 
 @pytest.mark.parametrize("fmt", ["{} and {}", "{row[0]}", "{a.b}", "no placeholders", "{unclosed"])
 def test_custom_format_must_use_plain_named_placeholders(fmt: str) -> None:
+    # Refused when the spec is parsed (the operator before the Job, the trainer at start) ...
+    with pytest.raises(ValidationError, match=r"template\.format"):
+        PromptTemplate(type="custom", format=fmt)
+    # ... and by the same parser wherever the trainer reads a format string.
     with pytest.raises(ConfigError) as e:
-        templates.placeholders(PromptTemplate(type="custom", format=fmt))
+        templates.custom_placeholders(fmt)
     assert e.value.field == "spec.template.format"
 
 

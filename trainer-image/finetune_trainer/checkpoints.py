@@ -73,8 +73,9 @@ FINGERPRINT_EXCLUDED: Mapping[str, frozenset[str]] = {
     # left out so a job may switch it (for example after running out of memory) and keep resuming.
     "lora": frozenset({"gradient_checkpointing"}),
     # How often the loss is logged, and how a step's rows are split into micro-batches (the same
-    # rows and loss; a resumed pod may split differently, for example on a smaller GPU).
-    "training": frozenset({"logging_steps", "micro_batches"}),
+    # rows and loss; a resumed pod may split differently, for example on a smaller GPU); when a
+    # diverged run is stopped.
+    "training": frozenset({"logging_steps", "micro_batches", "max_non_finite_steps"}),
 }
 """Fields of the fingerprinted sections that do not change the math. Everything else is in,
 including fields added to the spec later: an unknown knob is assumed to matter, so a checkpoint is

@@ -21,3 +21,8 @@ class ConfigError(Exception):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class DivergedError(ConfigError):
+    """The loss was not finite for spec.training.maxNonFiniteSteps steps in a row: the same spec
+    and data diverge again on a retry, so it exits like a configuration error."""

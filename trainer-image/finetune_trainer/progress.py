@@ -30,6 +30,8 @@ class ProgressState:
     step: int = 0
     total_steps: int | None = None
     loss: float | None = None
+    diverged: bool = False
+    """The latest step's loss was NaN or infinite (reported as a null loss)."""
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
@@ -71,6 +73,7 @@ class ProgressState:
                 "totalSteps": self.total_steps,
                 "percent": percent,
                 "loss": self.loss,
+                "diverged": self.diverged,
                 "learningRate": self.learning_rate,
                 "tokensPerSecond": self.tokens_per_second,
                 "etaSeconds": self.eta_seconds,

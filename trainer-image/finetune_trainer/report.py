@@ -8,6 +8,9 @@ completed, training finished). Each report carries a strictly increasing `sequen
 read from FINETUNE_REPORT_TOKEN_FILE on every send (projected ServiceAccount tokens are rotated on
 disk). Failures are logged at most once a minute and never stop training; the token never appears
 in a log line.
+
+The body is a `contract.ProgressReport`, the model the operator validates it with: a NaN or
+infinite loss goes out as null with `diverged: true`, never as the bare `NaN` JSON does not have.
 """
 
 from __future__ import annotations
@@ -24,23 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from finetune_trainer.contract import ReportError, build_report
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 10.0
 FAILURE_LOG_INTERVAL = 60.0
 TIMEOUT = 5.0
-
-
-def build_report(
-    snapshot: dict[str, Any], sequence: int, job: dict[str, str | None], now: datetime
-) -> dict[str, Any]:
-    """The JSON body of one report."""
-    return {
-        **snapshot,
-        "job": job,
-        "sequence": sequence,
-        "reportedAt": now.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-    }
 
 
 class Reporter:
@@ -91,9 +84,13 @@ class Reporter:
         """One POST; True when the operator accepted it."""
         with self._send_lock:
             self.sequence += 1
-            body = build_report(self.snapshot(), self.sequence, self.job, datetime.now(UTC))
+            try:
+                body = build_report(self.snapshot(), self.sequence, self.job, datetime.now(UTC))
+            except ReportError as e:
+                self._failed(e)  # a snapshot the operator would refuse: not sent
+                return False
             request = urllib.request.Request(
-                self.url, data=json.dumps(body).encode(), method="POST", headers=self._headers()
+                self.url, data=json.dumps(body.wire()).encode(), method="POST", headers=self._headers()
             )
             try:
                 with urllib.request.urlopen(request, timeout=TIMEOUT) as response:

@@ -22,7 +22,7 @@ from typing import Any
 
 from finetune_trainer import artifacts as art
 from finetune_trainer import batching, checkpoints, curves, engines, preflight, samples, summary, tracking
-from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ConfigError
+from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ConfigError, DivergedError
 from finetune_trainer.jobfile import Job
 from finetune_trainer.progress import Metrics, ProgressState, port_from_env, start_server
 from finetune_trainer.report import reporter_from_env
@@ -83,7 +83,8 @@ def run(job: Job, device_request: str = "auto", json_lines: bool = True) -> int:
         code = _run(ctx, device_request)
     except ConfigError as e:
         log.error("config error: %s", e, extra={"fields": {"field": e.field}})
-        ctx.result.update(exitReason="config-error", message=str(e))
+        reason = "diverged" if isinstance(e, DivergedError) else "config-error"
+        ctx.result.update(exitReason=reason, message=str(e))
         code = EXIT_CONFIG_ERROR
     except Exception as e:
         log.exception("training failed")
@@ -289,6 +290,8 @@ def _run(ctx: Context, device_request: str) -> int:
         )
         if outcome.interrupted:
             return _interrupted(ctx, uploader)
+        if outcome.diverged:
+            raise DivergedError("spec.training.learningRate", outcome.diverged)
         if outcome.stop_reason:
             ctx.result["stopReason"] = outcome.stop_reason
         ctx.progress.update(phase="Exporting")

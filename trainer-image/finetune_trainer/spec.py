@@ -12,9 +12,10 @@ trainer on a workstation refuses exactly what the API server refuses.
 
 from __future__ import annotations
 
+import string
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "finetune.dev"
@@ -71,8 +72,39 @@ class SecretKeyRef(Spec):
 
 
 # A hub id, `name` or `owner/name`. ASCII classes rather than \w: the API server's Go regexp and
-# pydantic's Rust regex disagree on what \w matches beyond ASCII.
+# pydantic's Rust regex disagree on what \w matches beyond ASCII. Neither has lookahead, so `.` and
+# `..` as a segment (a path out of the hub's cache) are refused by a CEL rule and `_hub_id`.
 _HUB_ID = r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?$"
+_HUB_SEGMENTS = "!self.split('/').exists(s, s == '.' || s == '..')"
+_HUB_SEGMENTS_MESSAGE = "a hub id is `name` or `owner/name`; `.` and `..` are not names"
+MAX_SEED = 2**32 - 1
+"""numpy's and torch's seeds are 32-bit."""
+
+
+def hub_id_problem(value: str | None) -> str | None:
+    """Why `value` is not a hub id (beyond the pattern), or None."""
+    if value is not None and any(part in (".", "..") for part in value.split("/")):
+        return _HUB_SEGMENTS_MESSAGE
+    return None
+
+
+def _hub_id(value: str | None) -> str | None:
+    problem = hub_id_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+HubId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=256,
+        pattern=_HUB_ID,
+        json_schema_extra=validations(cel(_HUB_SEGMENTS, _HUB_SEGMENTS_MESSAGE)),
+    ),
+    AfterValidator(_hub_id),
+]
 _ONE_SOURCE = "[has(self.hub), has(self.s3), has(self.path)].filter(x, x).size() == 1"
 
 
@@ -83,7 +115,7 @@ class ModelSource(Spec):
         json_schema_extra=validations(cel(_ONE_SOURCE, "set exactly one of hub, s3, path"))
     )
 
-    hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=_HUB_ID)
+    hub: HubId | None = None
     """Model id on a Hugging Face-compatible hub, for example `unsloth/Qwen3-8B`."""
     s3: str | None = Field(
         default=None, max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
@@ -109,7 +141,9 @@ class ModelSource(Spec):
 
 
 DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv"]
-_SPLIT = r"^[A-Za-z0-9_\-]+(\[[0-9%: \-]*\])?$"
+_SPLIT = r"^[A-Za-z0-9_\-]+(\[ *(-?[0-9]+%?)? *: *(-?[0-9]+%?)? *\])?$"
+"""A split with an optional slice as `datasets` reads it: `train`, `train[10:20]`, `train[:10%]`,
+`train[-100:]`; one colon, no step (`train[::-1]`), never empty brackets."""
 _DATA_S3 = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+$"
 
 
@@ -131,7 +165,7 @@ class ValidationSource(Spec):
     fraction: float | None = Field(default=None, gt=0, le=0.5)
     """Hold out this share of the training rows (more than 0, at most 0.5), picked with `seed`; they
     are removed from training, so the two sets never overlap."""
-    hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=_HUB_ID)
+    hub: HubId | None = None
     """Data set id on a hub."""
     s3: str | None = Field(default=None, max_length=1024, pattern=_DATA_S3)
     """S3 object with the rows, `s3://bucket/key.jsonl`."""
@@ -144,7 +178,7 @@ class ValidationSource(Spec):
     `train[-200:]`."""
     format: DataFormat = "auto"
     """File format for s3/path sources; `auto` picks it from the file extension."""
-    seed: int = Field(default=3407, ge=0)
+    seed: int = Field(default=3407, ge=0, le=MAX_SEED)
     """Seed that picks the held-out rows of `fraction` and the rows evaluated under `maxRows`."""
     max_rows: int = Field(default=256, ge=1, le=100000)
     """Rows evaluated at most per evaluation: the cost bound (a fixed sample, the same every time)."""
@@ -168,7 +202,7 @@ class DataSource(Spec):
         json_schema_extra=validations(cel(_ONE_SOURCE, "set exactly one of hub, s3, path"))
     )
 
-    hub: str | None = Field(default=None, min_length=1, max_length=256, pattern=_HUB_ID)
+    hub: HubId | None = None
     """Data set id on a hub, for example `FreedomIntelligence/medical-o1-reasoning-SFT`."""
     s3: str | None = Field(default=None, max_length=1024, pattern=_DATA_S3)
     """S3 object with the rows, `s3://bucket/key.jsonl`."""
@@ -235,7 +269,40 @@ class PromptTemplate(Spec):
             raise ValueError("template.format: type custom needs a format string")
         if self.type != "custom" and self.format is not None:
             raise ValueError("template.format: only used with type custom")
+        if self.format is not None:
+            names = format_placeholders(self.format)
+            unknown = sorted(set(self.fields) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"template.fields: {', '.join(unknown)} is not a placeholder of the format; "
+                    f"its placeholders are {', '.join(names)}"
+                )
         return self
+
+
+def format_placeholders(fmt: str) -> list[str]:
+    """Named placeholders of a custom format string, in order of first use; ValueError (naming
+    spec.template.format) when braces do not balance or a placeholder is not a plain name."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as e:
+        raise ValueError(
+            f"template.format: not a valid format string: {e} (write a literal brace as {{{{ or }}}})"
+        ) from None
+    for _text, name, _spec, _conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(
+                f"template.format: placeholder {{{name}}}: expected a plain name such as {{question}} "
+                "(no positions, indexes or attributes)"
+            )
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("template.format: expected at least one {placeholder}")
+    return names
 
 
 class LoraSpec(Spec):
@@ -263,7 +330,7 @@ class LoraSpec(Spec):
     rest with Unsloth's offloaded checkpointing; plain checkpointing on the CPU. `unsloth`: every
     layer recomputed, activations offloaded to host memory (the tutorials' setting); `true`: plain
     checkpointing of every layer; `false`: none."""
-    random_state: int = Field(default=3407, ge=0)
+    random_state: int = Field(default=3407, ge=0, le=MAX_SEED)
     """Seed for the adapter's initial weights."""
 
 
@@ -307,8 +374,8 @@ class TrainingArgs(Spec):
         "linear"
     )
     """Learning-rate schedule after warm-up."""
-    seed: int = Field(default=3407, ge=0)
-    """Seed for data order and dropout."""
+    seed: int = Field(default=3407, ge=0, le=MAX_SEED)
+    """Seed for data order and dropout (0 to 2^32-1)."""
     packing: bool = False
     """Pack several rows into each max-length sequence (fewer padding tokens)."""
     max_grad_norm: float = Field(default=1.0, ge=0)
@@ -317,6 +384,10 @@ class TrainingArgs(Spec):
     """Log loss and learning rate every this many steps."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute precision; `auto` is bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    max_non_finite_steps: int = Field(default=3, ge=1, le=10000)
+    """Optimizer steps in a row whose loss may be NaN or infinite before the trainer stops with
+    a configuration error (the run diverged: retrying computes the same). Such steps are never
+    checkpointed; status.progress.diverged shows the first one."""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingArgs:

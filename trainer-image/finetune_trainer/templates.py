@@ -7,12 +7,11 @@ fills it, so `{instruction: prompt}` reads the `prompt` column as the instructio
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.spec import PromptTemplate
+from finetune_trainer.spec import PromptTemplate, format_placeholders
 
 ChatRenderer = Callable[[list[dict[str, str]], bool], str]
 """(messages, add_generation_prompt) -> text; in practice `tokenizer.apply_chat_template`."""
@@ -52,26 +51,11 @@ def placeholders(template: PromptTemplate) -> dict[str, str]:
 
 
 def custom_placeholders(fmt: str) -> list[str]:
-    """Named placeholders of a custom format string, in order of first use."""
-    names: list[str] = []
+    """Named placeholders of a custom format string, in order of first use (the spec's parser)."""
     try:
-        parsed = list(string.Formatter().parse(fmt))
+        return format_placeholders(fmt)
     except ValueError as e:
-        raise ConfigError("spec.template.format", f"not a valid format string: {e}") from None
-    for _text, name, _spec, _conversion in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier():
-            raise ConfigError(
-                "spec.template.format",
-                f"placeholder {{{name}}}: expected a plain name such as {{question}} (no positions, "
-                "indexes or attributes)",
-            )
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise ConfigError("spec.template.format", "expected at least one {placeholder}")
-    return names
+        raise ConfigError("spec.template.format", str(e).removeprefix("template.format: ")) from None
 
 
 def check_columns(template: PromptTemplate, columns: Iterable[str]) -> None:

@@ -10,6 +10,7 @@ states and the data position, so the resumed steps repeat the uninterrupted run'
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import threading
@@ -113,6 +114,8 @@ class TrainOutcome:
     train_seconds: float
     stop_reason: str | None = None
     """Why training ended before its last step without being asked to (early stopping)."""
+    diverged: str | None = None
+    """Why training was stopped as diverged (DivergenceCallback), else None."""
 
 
 def sft_config(spec: TrainingSpec, plan: BatchPlan, device: str, output_dir: Path, precision: str) -> Any:
@@ -250,6 +253,8 @@ class ProgressCallback(_Callback):
         self.window_start = time.monotonic()
         self.window_loss = 0.0
         self.window_steps = 0
+        self.step_loss = 0.0
+        """The latest optimizer step's loss (DivergenceCallback reads it)."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         self.first_step = state.global_step
@@ -262,6 +267,7 @@ class ProgressCallback(_Callback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         tokens, loss = self.meter.take()
+        self.step_loss = loss
         self.window_tokens += tokens
         self.window_loss += loss
         self.window_steps += 1
@@ -284,9 +290,13 @@ class ProgressCallback(_Callback):
         elapsed = max(1e-9, time.monotonic() - self.window_start)
         loss = self.window_loss / self.window_steps
         tokens_per_second = round(self.window_tokens / elapsed, 1)
-        self.meter_state["loss"] = loss
+        if math.isfinite(loss):
+            self.meter_state["loss"] = loss  # the checkpoints' and the summary's loss: the last finite one
         self.progress.update(
-            loss=loss, learning_rate=logs.get("learning_rate"), tokens_per_second=tokens_per_second
+            loss=loss if math.isfinite(loss) else None,
+            diverged=not math.isfinite(loss),
+            learning_rate=logs.get("learning_rate"),
+            tokens_per_second=tokens_per_second,
         )
         snapshot = self.progress.snapshot()
         self.metrics.observe(snapshot)
@@ -317,6 +327,48 @@ class ProgressCallback(_Callback):
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class DivergenceCallback(_Callback):
+    """Stops training once `limit` optimizer steps in a row had a NaN or infinite loss, and never
+    lets such a step be checkpointed (its weights are most likely not finite either). Runs after
+    CheckpointCallback, whose decision to save it can veto; reads the step's loss from
+    ProgressCallback, which runs first."""
+
+    def __init__(self, progress_cb: ProgressCallback, progress: ProgressState, limit: int) -> None:
+        self.progress_cb = progress_cb
+        self.progress = progress
+        self.limit = limit
+        self.in_a_row = 0
+        self.first_step: int | None = None
+        self.last_finite: tuple[int, float] | None = None
+        self.reason: str | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        loss = self.progress_cb.step_loss
+        if math.isfinite(loss):
+            self.in_a_row, self.first_step = 0, None
+            self.last_finite = (state.global_step, loss)
+            self.progress.update(diverged=False)
+            return
+        self.in_a_row += 1
+        self.first_step = self.first_step if self.first_step is not None else state.global_step
+        self.progress.update(diverged=True, loss=None)
+        control.should_save = False
+        log.warning("step %d: the loss is %s (%d in a row)", state.global_step, loss, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            last = (
+                f"; the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+                if self.last_finite
+                else ""
+            )
+            self.reason = (
+                f"training diverged: the loss was NaN or infinite for {self.in_a_row} steps in a row "
+                f"(steps {self.first_step}-{state.global_step}{last}); lower spec.training.learningRate, "
+                "keep spec.training.maxGradNorm above 0, or check the data "
+                "(spec.training.maxNonFiniteSteps sets how many such steps are tolerated)"
+            )
+            control.should_training_stop = True
 
 
 def adapters_to_fp32(model: Any) -> int:
@@ -424,8 +476,16 @@ def train(
         facts=evaluation.checkpoint_facts if evaluation is not None else (lambda step: {}),
         add_files=checkpoint_files,
     )
-    # Order matters: the evaluation callback reads the checkpoint callback's decision to save.
-    callbacks = [progress_cb, checkpoint_cb, *([evaluation] if evaluation is not None else []), *observers]
+    divergence_cb = DivergenceCallback(progress_cb, progress, spec.training.max_non_finite_steps)
+    # Order matters: the divergence callback reads the progress callback's loss and vetoes the
+    # checkpoint callback's decision to save; the evaluation callback reads that decision.
+    callbacks = [
+        progress_cb,
+        checkpoint_cb,
+        divergence_cb,
+        *([evaluation] if evaluation is not None else []),
+        *observers,
+    ]
     args.eval_on_start = evaluation is not None and resume_dir is None  # the base model's eval loss
 
     trainer = MeteredSFTTrainer(
@@ -459,4 +519,5 @@ def train(
         tokens=meter.total_tokens,
         train_seconds=seconds,
         stop_reason=evaluation.reason if evaluation is not None else None,
+        diverged=divergence_cb.reason,
     )
