@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import boto3
@@ -32,6 +33,7 @@ from finetune_trainer.storage import (
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
+    RetryPolicy,
     S3Store,
     sha256_file,
 )
@@ -61,9 +63,17 @@ def new_bucket(endpoint: str) -> str:
     return name
 
 
-def s3_store(endpoint: str, bucket: str, **kwargs: object) -> S3Store:
-    options = {"max_attempts": 2, "upload_attempts": 2, "backoff": 0.01, "connect_timeout": 2.0, **kwargs}
+def s3_store(endpoint: str, bucket: str, request_attempts: int = 2, **kwargs: object) -> S3Store:
+    options = {
+        "retries": {"mode": "standard", "total_max_attempts": request_attempts},
+        "connect_timeout": 2.0,
+        **kwargs,
+    }
     return S3Store(f"s3://{bucket}/jobs/ns/job", endpoint=endpoint, region="us-east-1", **options)
+
+
+def quick_retry(attempts: int) -> RetryPolicy:
+    return RetryPolicy("test-upload", attempts=attempts, backoff=0.01)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -84,6 +94,10 @@ class RecordingStore:
     def put_file(self, key: str, path: Path) -> None:
         self.ops.append(("put", key))
         self.inner.put_file(key, path)
+
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> None:
+        self.ops.extend(("put", key) for key, _ in files)
+        self.inner.put_files(files)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.ops.append(("put", key))
@@ -115,10 +129,10 @@ class GatedStore(RecordingStore):
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> None:
         self.entered.set()
         self.gate.wait()
-        super().put_file(key, path)
+        super().put_files(files)
 
 
 def local_checkpoint(root: Path, step: int) -> Path:
@@ -139,7 +153,7 @@ def upload(
     store: ObjectStore, tmp_path: Path, fingerprint: str, steps: list[int], keep_last: int = 10
 ) -> None:
     with CheckpointUploader(
-        store, fingerprint, keep_last, max_attempts=2, backoff=0.01, skip_superseded=False
+        store, fingerprint, keep_last, retry=quick_retry(2), skip_superseded=False
     ) as uploader:
         for step in steps:
             uploader.submit(step, local_checkpoint(tmp_path / uuid.uuid4().hex, step))
@@ -163,8 +177,7 @@ def test_upload_then_resume_from_the_newest(store: ObjectStore, tmp_path: Path) 
         store,
         "fp",
         keep_last=5,
-        max_attempts=2,
-        backoff=0.01,
+        retry=quick_retry(2),
         staging_dir=tmp_path / "staging",
         skip_superseded=False,
     )
@@ -207,7 +220,7 @@ def test_submit_returns_at_once_and_the_caller_may_delete_its_folder(
     store: ObjectStore, tmp_path: Path
 ) -> None:
     gated = GatedStore(store)
-    with CheckpointUploader(gated, "fp", keep_last=2, max_attempts=1) as uploader:
+    with CheckpointUploader(gated, "fp", keep_last=2, retry=quick_retry(1)) as uploader:
         folder = local_checkpoint(tmp_path / "work", 10)
         uploader.submit(10, folder)  # the worker now blocks in put_file until the gate opens
         shutil.rmtree(folder)  # the trainer rotates its local checkpoints at once
@@ -224,7 +237,7 @@ def test_a_backlog_keeps_only_the_newest_waiting_checkpoint(store: ObjectStore, 
     gated = GatedStore(store)
     completed: list[int] = []
     with CheckpointUploader(
-        gated, "fp", keep_last=5, max_attempts=1, on_complete=lambda ref, _: completed.append(ref.step)
+        gated, "fp", keep_last=5, retry=quick_retry(1), on_complete=lambda ref, _: completed.append(ref.step)
     ) as uploader:
         uploader.submit(10, local_checkpoint(tmp_path, 10))
         assert gated.entered.wait(30)  # step 10 is being uploaded
@@ -349,15 +362,14 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     endpoint, stop = start_moto_server()
     port = int(endpoint.rsplit(":", 1)[1])
     bucket = new_bucket(endpoint)
-    store = s3_store(endpoint, bucket, max_attempts=1)
+    store = s3_store(endpoint, bucket, request_attempts=1)
     completed: list[CheckpointRef] = []
     failed: list[tuple[int, str, int]] = []  # (failed attempts, error, checkpoints given up so far)
     uploader = CheckpointUploader(
         store,
         "fp",
         keep_last=2,
-        max_attempts=3,
-        backoff=0.01,
+        retry=quick_retry(3),
         on_complete=lambda ref, _: completed.append(ref),
         on_failed_attempt=lambda n, error: failed.append((n, error, uploader.failures)),
     )
@@ -390,8 +402,8 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_s3_permanent_errors_are_not_retried(moto_s3: str, tmp_path: Path) -> None:
-    store = RecordingStore(s3_store(moto_s3, "no-such-bucket-here", upload_attempts=5))
-    with CheckpointUploader(store, "fp", keep_last=2, max_attempts=5, backoff=0.01) as uploader:
+    store = RecordingStore(s3_store(moto_s3, "no-such-bucket-here", request_attempts=5))
+    with CheckpointUploader(store, "fp", keep_last=2, retry=quick_retry(5)) as uploader:
         uploader.submit(10, local_checkpoint(tmp_path, 10))
         assert uploader.wait(30)
     assert uploader.failures == 1
