@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
+from finetune_trainer.timestamps import rfc3339
 
 from finetune_operator.jobbuilder import CONTAINER
 
@@ -54,11 +55,6 @@ LOSS_DIGITS = 4
 """Decimals of the loss in status (what `kubectl get ftj` shows; the trainer's metrics keep all)."""
 STARTING_PHASES = ("Starting", "Preflight", "Loading")
 """Trainer phases before the first step (the trainer's progress.ProgressState.phase)."""
-
-
-def rfc3339(t: datetime) -> str:
-    """`2025-01-02T03:04:05Z` (seconds precision, as Kubernetes writes times)."""
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(value: str | None) -> datetime | None:

@@ -173,19 +173,6 @@ def stats(texts: list[str], lengths: list[int], max_seq_length: int) -> DataStat
     )
 
 
-def chat_renderer(tokenizer: Any) -> templates.ChatRenderer | None:
-    """`tokenizer.apply_chat_template` as a ChatRenderer, or None when the tokenizer has no template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
-    return render
-
-
 @dataclass(frozen=True)
 class PreparedData:
     """Tokenized rows for SFTTrainer plus the figures preflight reports."""
@@ -204,7 +191,7 @@ def prepare(
     """Render, tokenize and check loaded rows: the data half of preflight."""
     import datasets
 
-    texts = render_all(rows, template, tokenizer.eos_token, chat_renderer(tokenizer))
+    texts = render_all(rows, template, tokenizer.eos_token, templates.chat_renderer(tokenizer))
     # Chat templates write their own BOS; adding another would double it.
     encoded, lengths = tokenize(texts, tokenizer, max_seq_length, add_special_tokens=template.type != "chat")
     figures = stats(texts, lengths, max_seq_length)

@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from finetune_trainer.timestamps import rfc3339
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 10.0
@@ -39,7 +41,7 @@ def build_report(
         **snapshot,
         "job": job,
         "sequence": sequence,
-        "reportedAt": now.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "reportedAt": rfc3339(now, digits=6),
     }
 
 
