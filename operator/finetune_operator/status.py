@@ -21,7 +21,6 @@ from finetune_operator.jobbuilder import CONTAINER
 
 PREEMPTED_PODS_KEPT = 50
 """Pod uids remembered as already counted as preemptions (bounded; older pods are long gone)."""
-CONDITION_TYPES = ("Ready", "Running", "Suspended", "Succeeded", "Failed")
 PROGRESS_FIELDS = {
     "step": "step",
     "totalSteps": "totalSteps",
