@@ -89,6 +89,7 @@ def main() -> None:
         [sys.executable, "-c", SERVER, str(ROOT / "tests")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     try:
