@@ -6,9 +6,10 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from finetune_trainer.timestamps import rfc3339
+
 from finetune_operator.api import API_GROUP, API_VERSION, KIND
 from finetune_operator.kube import Kube
-from finetune_operator.status import rfc3339
 
 log = logging.getLogger(__name__)
 

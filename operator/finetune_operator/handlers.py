@@ -38,7 +38,7 @@ from finetune_operator.jobbuilder import (
 )
 from finetune_operator.kube import ApiError, ConflictError, Kube, NotFoundError
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.naming import LABEL_MANAGED_BY, MANAGED_BY, job_name
+from finetune_operator.naming import SELECTOR, job_name
 from finetune_operator.progress_server import ProgressService
 from finetune_operator.refusals import PodCreateFailure, job_refusal, pod_create_failure
 from finetune_operator.status import (
@@ -53,7 +53,6 @@ from finetune_operator.status import (
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-SELECTOR = {LABEL_MANAGED_BY: MANAGED_BY}
 FTJ = (API_GROUP, API_VERSION, PLURAL)
 STATUS_WRITE_ATTEMPTS = 3
 GIVEN_UP = frozenset(

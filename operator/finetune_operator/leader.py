@@ -15,6 +15,8 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from finetune_trainer.timestamps import rfc3339
+
 from finetune_operator.config import LeaderElection
 from finetune_operator.kube import ConflictError, Kube, NotFoundError
 from finetune_operator.status import parse_time
@@ -27,7 +29,8 @@ class LostLeadershipError(Exception):
 
 
 def micro_time(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """A Lease's `metav1.MicroTime`."""
+    return rfc3339(t, digits=6)
 
 
 def can_take(lease: dict[str, Any], identity: str, now: datetime) -> bool:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 import sys
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from aiohttp import web
+from finetune_trainer.logs import JsonFormatter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from finetune_operator.config import ConfigFileError, OperatorConfig, load_config
@@ -30,27 +29,6 @@ from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.progress_server import Authenticator, ProgressService, RateLimiter
 
 log = logging.getLogger("finetune_operator")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, msg, and `extra={"fields": {...}}`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        ref = getattr(record, "k8s_ref", None)
-        if isinstance(ref, dict):
-            doc["object"] = {k: ref.get(k) for k in ("namespace", "name") if ref.get(k)}
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            doc.update(fields)
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
 
 
 def configure_logging() -> None:

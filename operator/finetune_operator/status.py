@@ -16,13 +16,13 @@ from typing import Any
 
 from finetune_trainer.contract import MAX_CLOCK_SKEW
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
+from finetune_trainer.timestamps import rfc3339
 
 from finetune_operator.jobbuilder import CONTAINER
 from finetune_operator.refusals import PodCreateFailure
 
 PREEMPTED_PODS_KEPT = 50
 """Pod uids remembered as already counted as preemptions (bounded; older pods are long gone)."""
-CONDITION_TYPES = ("Ready", "Running", "Suspended", "Succeeded", "Failed")
 PROGRESS_FIELDS = {
     "step": "step",
     "totalSteps": "totalSteps",
@@ -57,11 +57,6 @@ LOSS_DIGITS = 4
 """Decimals of the loss in status (what `kubectl get ftj` shows; the trainer's metrics keep all)."""
 STARTING_PHASES = ("Starting", "Preflight", "Loading")
 """Trainer phases before the first step (the trainer's progress.ProgressState.phase)."""
-
-
-def rfc3339(t: datetime) -> str:
-    """`2025-01-02T03:04:05Z` (seconds precision, as Kubernetes writes times)."""
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(value: str | None) -> datetime | None:

@@ -1,20 +1,21 @@
 """S3 stopped in the middle of a checkpoint upload, with the real trainer on the tiny model.
 
 The trainer runs in this process (imports paid once); the S3 server (moto over HTTP) stops right
-after the first file of the step-4 checkpoint is stored, so step 4 is left half-uploaded: files,
-no manifest. S3 stays down for the rest of the run. Checked: training goes on to its last step;
-the uploader retries each checkpoint with doubling delays; the trainer's progress reports say
-checkpoints are failing from the first failed attempt, and the status the operator derives from
-such a report has CheckpointsFailing=True; the run ends (the adapter cannot be exported) and the
-next run, with S3 back, resumes from step 2, the newest complete checkpoint, never from the
-half-uploaded step 4.
+after the files of the step-4 checkpoint are stored, before its manifest, so step 4 is left half-
+uploaded: files, no manifest. S3 stays down for the rest of the run. Checked: training goes on to
+its last step; the uploader retries each checkpoint with doubling delays; the trainer's progress
+reports say checkpoints are failing from the first failed attempt, and the status the operator
+derives from such a report has CheckpointsFailing=True; the run ends (the adapter cannot be
+exported) and the next run, with S3 back, resumes from step 2, the newest complete checkpoint,
+never from the half-uploaded step 4.
 
 A corrupt checkpoint (a file whose bytes no longer match the manifest's sha256) is covered where
 it is cheapest: tests/integration/test_checkpoints_s3.py (resolve_resume skips it) and
 tests/integration/test_trainer_run.py (the real trainer resumes from the checkpoint before it).
 
-S3's own retries are shortened for the test (botocore 1 attempt, the store 1 attempt, the uploader
-4 attempts from 0.25 s): in production the first failed attempt takes about 25 s to surface.
+S3's retries are shortened for the test through their named settings (`storage.S3_RETRIES`:
+botocore 1 attempt; `CHECKPOINT_UPLOAD_RETRY`: 4 checkpoint attempts from 0.25 s): in production
+the first failed attempt takes about 25 s to surface.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -109,23 +111,24 @@ def test_s3_stopped_during_a_checkpoint_upload(
     )
     job = write_job(tmp_path / "job.yaml", manifest)
 
-    # Short retries (see the module docstring); S3 stops once step 4's first file is stored.
+    # Short retries (see the module docstring); S3 stops once step 4's files are stored, before its
+    # manifest.
+    monkeypatch.setattr(storage, "S3_RETRIES", {"mode": "standard", "total_max_attempts": 1})
     monkeypatch.setattr(
-        storage.S3Store.__init__,
-        "__kwdefaults__",
-        {**storage.S3Store.__init__.__kwdefaults__, "max_attempts": 1, "upload_attempts": 1},
+        checkpoints.uploader,
+        "CHECKPOINT_UPLOAD_RETRY",
+        storage.RetryPolicy("checkpoint-upload", attempts=4, backoff=0.25),
     )
-    monkeypatch.setattr(checkpoints.CheckpointUploader.__init__, "__defaults__", (4, 0.25))
-    real_put = storage.S3Store.put_file
+    real_put_files = storage.S3Store.put_files
     stopped = threading.Event()
 
-    def put_file(self: storage.S3Store, key: str, path: Path) -> None:
-        real_put(self, key, path)
-        if key.startswith("checkpoints/step-00000004/") and not stopped.is_set():
+    def put_files(self: storage.S3Store, files: Sequence[tuple[str, Path]]) -> None:
+        real_put_files(self, files)
+        if any(key.startswith("checkpoints/step-00000004/") for key, _ in files) and not stopped.is_set():
             stopped.set()
             stop()
 
-    monkeypatch.setattr(storage.S3Store, "put_file", put_file)
+    monkeypatch.setattr(storage.S3Store, "put_files", put_files)
     reports = Reports()
     try:
         first = run_in_process(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import boto3
@@ -32,7 +33,9 @@ from finetune_trainer.storage import (
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
+    RetryPolicy,
     S3Store,
+    StorageError,
     sha256_file,
 )
 from localkube.s3 import S3
@@ -61,9 +64,17 @@ def new_bucket(endpoint: str) -> str:
     return name
 
 
-def s3_store(endpoint: str, bucket: str, **kwargs: object) -> S3Store:
-    options = {"max_attempts": 2, "upload_attempts": 2, "backoff": 0.01, "connect_timeout": 2.0, **kwargs}
+def s3_store(endpoint: str, bucket: str, request_attempts: int = 2, **kwargs: object) -> S3Store:
+    options = {
+        "retries": {"mode": "standard", "total_max_attempts": request_attempts},
+        "connect_timeout": 2.0,
+        **kwargs,
+    }
     return S3Store(f"s3://{bucket}/jobs/ns/job", endpoint=endpoint, region="us-east-1", **options)
+
+
+def quick_retry(attempts: int) -> RetryPolicy:
+    return RetryPolicy("test-upload", attempts=attempts, backoff=0.01)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -84,6 +95,10 @@ class RecordingStore:
     def put_file(self, key: str, path: Path) -> None:
         self.ops.append(("put", key))
         self.inner.put_file(key, path)
+
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> None:
+        self.ops.extend(("put", key) for key, _ in files)
+        self.inner.put_files(files)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.ops.append(("put", key))
@@ -115,10 +130,10 @@ class GatedStore(RecordingStore):
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> None:
         self.entered.set()
         self.gate.wait()
-        super().put_file(key, path)
+        super().put_files(files)
 
 
 def local_checkpoint(root: Path, step: int) -> Path:
@@ -139,7 +154,7 @@ def upload(
     store: ObjectStore, tmp_path: Path, fingerprint: str, steps: list[int], keep_last: int = 10
 ) -> None:
     with CheckpointUploader(
-        store, fingerprint, keep_last, max_attempts=2, backoff=0.01, skip_superseded=False
+        store, fingerprint, keep_last, retry=quick_retry(2), skip_superseded=False
     ) as uploader:
         for step in steps:
             uploader.submit(step, local_checkpoint(tmp_path / uuid.uuid4().hex, step))
@@ -163,8 +178,7 @@ def test_upload_then_resume_from_the_newest(store: ObjectStore, tmp_path: Path) 
         store,
         "fp",
         keep_last=5,
-        max_attempts=2,
-        backoff=0.01,
+        retry=quick_retry(2),
         staging_dir=tmp_path / "staging",
         skip_superseded=False,
     )
@@ -207,7 +221,7 @@ def test_submit_returns_at_once_and_the_caller_may_delete_its_folder(
     store: ObjectStore, tmp_path: Path
 ) -> None:
     gated = GatedStore(store)
-    with CheckpointUploader(gated, "fp", keep_last=2, max_attempts=1) as uploader:
+    with CheckpointUploader(gated, "fp", keep_last=2, retry=quick_retry(1)) as uploader:
         folder = local_checkpoint(tmp_path / "work", 10)
         uploader.submit(10, folder)  # the worker now blocks in put_file until the gate opens
         shutil.rmtree(folder)  # the trainer rotates its local checkpoints at once
@@ -224,7 +238,7 @@ def test_a_backlog_keeps_only_the_newest_waiting_checkpoint(store: ObjectStore, 
     gated = GatedStore(store)
     completed: list[int] = []
     with CheckpointUploader(
-        gated, "fp", keep_last=5, max_attempts=1, on_complete=lambda ref, _: completed.append(ref.step)
+        gated, "fp", keep_last=5, retry=quick_retry(1), on_complete=lambda ref, _: completed.append(ref.step)
     ) as uploader:
         uploader.submit(10, local_checkpoint(tmp_path, 10))
         assert gated.entered.wait(30)  # step 10 is being uploaded
@@ -349,15 +363,14 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     endpoint, stop = start_moto_server()
     port = int(endpoint.rsplit(":", 1)[1])
     bucket = new_bucket(endpoint)
-    store = s3_store(endpoint, bucket, max_attempts=1)
+    store = s3_store(endpoint, bucket, request_attempts=1)
     completed: list[CheckpointRef] = []
     failed: list[tuple[int, str, int]] = []  # (failed attempts, error, checkpoints given up so far)
     uploader = CheckpointUploader(
         store,
         "fp",
         keep_last=2,
-        max_attempts=3,
-        backoff=0.01,
+        retry=quick_retry(3),
         on_complete=lambda ref, _: completed.append(ref),
         on_failed_attempt=lambda n, error: failed.append((n, error, uploader.failures)),
     )
@@ -390,8 +403,8 @@ def test_s3_unreachable_then_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_s3_permanent_errors_are_not_retried(moto_s3: str, tmp_path: Path) -> None:
-    store = RecordingStore(s3_store(moto_s3, "no-such-bucket-here", upload_attempts=5))
-    with CheckpointUploader(store, "fp", keep_last=2, max_attempts=5, backoff=0.01) as uploader:
+    store = RecordingStore(s3_store(moto_s3, "no-such-bucket-here", request_attempts=5))
+    with CheckpointUploader(store, "fp", keep_last=2, retry=quick_retry(5)) as uploader:
         uploader.submit(10, local_checkpoint(tmp_path, 10))
         assert uploader.wait(30)
     assert uploader.failures == 1
@@ -414,3 +427,50 @@ def test_s3_large_files_upload_in_parts(moto_s3: str, tmp_path: Path) -> None:
     assert store.list("artifacts/") == [ObjectInfo("artifacts/big.bin", big.stat().st_size)]
     store.get_file("artifacts/big.bin", tmp_path / "back.bin")
     assert sha256_file(tmp_path / "back.bin") == sha256_file(big)
+
+
+def test_s3_a_checkpoints_files_upload_concurrently(moto_s3: str, tmp_path: Path) -> None:
+    """put_files sends the files together through one transfer manager: three PutObject requests
+    are in flight at once (each waits in botocore's before-send hook until all three arrived;
+    uploaded one after another, the first would wait alone and the barrier would time out)."""
+    bucket = new_bucket(moto_s3)
+    store = s3_store(moto_s3, bucket)
+    barrier = threading.Barrier(3, timeout=20)
+
+    def all_in_flight(**_: object) -> None:
+        barrier.wait()  # raises BrokenBarrierError after 20 s alone
+
+    store._client.meta.events.register("before-send.s3.PutObject", all_in_flight)
+    folder = local_checkpoint(tmp_path, 10)
+    files = [(f"checkpoints/x/{p.name}", p) for p in sorted(folder.rglob("*")) if p.is_file()]
+    assert len(files) == 3
+    store.put_files(files)
+    assert sorted(o.key for o in store.list("checkpoints/x/")) == sorted(k for k, _ in files)
+
+
+def test_a_retried_checkpoint_sends_only_the_files_not_stored_yet(tmp_path: Path) -> None:
+    """One file's upload fails once (a fault injected in front of a real LocalStore: a lost
+    connection for one object cannot be produced on demand otherwise); the retry sends that file
+    and the manifest, not the files the first attempt stored."""
+
+    class FailsOnce(RecordingStore):
+        failed = False
+
+        def put_files(self, files: Sequence[tuple[str, Path]]) -> None:
+            self.ops.extend(("put", key) for key, _ in files)
+            ok = [(k, p) for k, p in files if not k.endswith("state.pt") or self.failed]
+            self.inner.put_files(ok)
+            if len(ok) < len(files):
+                self.failed = True
+                raise StorageError("upload state.pt: connection reset")
+
+    store = FailsOnce(LocalStore(tmp_path / "store"))
+    with CheckpointUploader(store, "fp", keep_last=2, retry=quick_retry(3)) as uploader:
+        uploader.submit(10, local_checkpoint(tmp_path, 10))
+        assert uploader.wait(30)
+    assert (uploader.failures, uploader.failed_attempts) == (0, 0)  # reset once it completed
+    prefix = "checkpoints/step-00000010/"
+    puts = [key.removeprefix(prefix) for op, key in store.ops if op == "put"]
+    first = ["adapter_model.safetensors", "optimizer/state.pt", "trainer_state.json"]
+    assert puts == [*first, "optimizer/state.pt", MANIFEST_NAME]
+    assert resolve_resume(store, "fp", tmp_path / "resume")[1].step == 10

@@ -39,7 +39,7 @@ NAMESPACED_RULES = [
         "verbs": ["create", "get", "list", "watch", "patch", "delete"],
     },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "list"]},
 ]
 TOKENREVIEW_RULE = {
     "apiGroups": ["authentication.k8s.io"],

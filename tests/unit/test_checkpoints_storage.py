@@ -8,18 +8,18 @@ import threading
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.spec import StorageSpec
 from finetune_trainer.storage import (
     LocalStore,
     ObjectInfo,
     ObjectNotFound,
+    RetryPolicy,
     S3Store,
     StorageError,
-    backoff_delays,
-    is_retryable_s3_error,
+    botocore_would_retry,
     open_store,
-    retry,
     sha256_file,
     split_s3_uri,
 )
@@ -136,25 +136,41 @@ def test_s3_store_never_shows_credentials(monkeypatch: pytest.MonkeyPatch) -> No
     assert "SECRET" not in repr(store) and "secret" not in repr(store)
 
 
-def test_retryable_s3_errors() -> None:
-    assert is_retryable_s3_error("SlowDown", 503)
-    assert is_retryable_s3_error("RequestTimeout", 400)  # S3 answers an idle upload with a 400
-    assert is_retryable_s3_error("InternalError", 500)
-    assert is_retryable_s3_error("", 429)
-    assert is_retryable_s3_error("", None)
-    assert not is_retryable_s3_error("AccessDenied", 403)
-    assert not is_retryable_s3_error("NoSuchBucket", 404)
-    assert not is_retryable_s3_error("InvalidRequest", 400)
+def client_error(code: str, status: int | None, operation: str = "PutObject") -> ClientError:
+    """The error botocore raises for an S3 error answer (built from the answer's parsed form)."""
+    response: dict = {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {}}
+    if status is not None:
+        response["ResponseMetadata"]["HTTPStatusCode"] = status
+    return ClientError(response, operation)
 
 
-def test_backoff_doubles_up_to_the_cap() -> None:
-    assert backoff_delays(5, 0.5, cap=3.0) == [0.5, 1.0, 2.0, 3.0]
-    assert backoff_delays(1, 1.0) == []
+def test_retryable_s3_errors_are_the_ones_botocore_retries() -> None:
+    service = S3Store(
+        "s3://bucket", endpoint="http://127.0.0.1:9", region="us-east-1"
+    )._client.meta.service_model
+    assert botocore_would_retry(client_error("SlowDown", 503), service)
+    assert botocore_would_retry(client_error("RequestTimeout", 400), service)  # an idle upload's 400
+    assert botocore_would_retry(client_error("InternalError", 500), service)
+    assert botocore_would_retry(client_error("", 429), service)
+    assert botocore_would_retry(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
+    assert botocore_would_retry(ReadTimeoutError(endpoint_url="http://127.0.0.1:9"))
+    assert not botocore_would_retry(client_error("AccessDenied", 403), service)
+    assert not botocore_would_retry(client_error("NoSuchBucket", 404), service)
+    assert not botocore_would_retry(client_error("InvalidRequest", 400), service)
+    assert not botocore_would_retry(NoCredentialsError())  # a config error: exit 78, not a retry
 
 
-def test_retry_retries_transient_errors_only() -> None:
+def test_retry_policy_backoff_doubles_up_to_the_cap() -> None:
+    assert RetryPolicy("p", attempts=5, backoff=0.5, max_backoff=3.0).delays() == [0.5, 1.0, 2.0, 3.0]
+    assert RetryPolicy("p", attempts=1, backoff=1.0).delays() == []
+    with pytest.raises(ValueError, match="p: attempts: expected >= 1, got 0"):
+        RetryPolicy("p", attempts=0, backoff=1.0)
+
+
+def test_retry_policy_retries_transient_errors_only() -> None:
     sleeps: list[float] = []
     calls = []
+    seen: list[Exception] = []
 
     def flaky() -> str:
         calls.append(1)
@@ -162,8 +178,9 @@ def test_retry_retries_transient_errors_only() -> None:
             raise StorageError("connection reset")
         return "ok"
 
-    assert retry(flaky, attempts=3, backoff=0.1, what="upload", sleep=sleeps.append) == "ok"
-    assert sleeps == [0.1, 0.2]
+    policy = RetryPolicy("upload", attempts=3, backoff=0.1)
+    assert policy.run(flaky, what="x", on_failure=seen.append, sleep=sleeps.append) == "ok"
+    assert sleeps == [0.1, 0.2] and len(seen) == 2
 
     def denied() -> None:
         calls.append(1)
@@ -171,10 +188,13 @@ def test_retry_retries_transient_errors_only() -> None:
 
     calls.clear()
     with pytest.raises(StorageError, match="AccessDenied"):
-        retry(denied, attempts=5, backoff=0.1, what="upload", sleep=sleeps.append)
+        RetryPolicy("upload", attempts=5, backoff=0.1).run(denied, what="x", sleep=sleeps.append)
     assert len(calls) == 1
 
     calls.clear()
+    seen.clear()
     with pytest.raises(StorageError, match="connection reset"):
-        retry(flaky, attempts=2, backoff=0.1, what="upload", sleep=sleeps.append)
-    assert len(calls) == 2
+        RetryPolicy("upload", attempts=2, backoff=0.1).run(
+            flaky, what="x", on_failure=seen.append, sleep=sleeps.append
+        )
+    assert len(calls) == 2 and len(seen) == 2  # the last failure is seen too

@@ -154,3 +154,35 @@ def test_chat_template_goes_through_the_tokenizer(tiny_model_dir: Path, tmp_path
     with pytest.raises(ConfigError) as e:  # the tiny tokenizer has no chat template
         preflight.check(spec, tmp_path)
     assert e.value.field == "spec.template.type"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"HF_TOKEN": "model-token", "HF_DATA_TOKEN": "data-token"}, "data-token"),  # two Secrets
+        ({"HF_TOKEN": "shared-token"}, "shared-token"),  # only the data set gated, or one Secret
+        ({}, None),
+    ],
+)
+def test_a_hub_data_set_is_read_with_the_data_sets_token(
+    env: dict[str, str], expected: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator puts spec.data.tokenSecretRef in HF_DATA_TOKEN when the model has a Secret of
+    its own. The hub cannot be reached from the tests, so `datasets.load_dataset` is replaced by a
+    recorder that returns real rows: what is checked is the token the trainer hands it."""
+    import datasets
+
+    for name in ("HF_TOKEN", "HF_DATA_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls: list[dict] = []
+
+    def load_dataset(*args: object, **kwargs: object) -> datasets.Dataset:
+        calls.append({"args": args, **kwargs})
+        return datasets.Dataset.from_list(alpaca_rows(3))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    rows = data.load_rows(DataSource(hub="org/gated-set"), STORAGE, tmp_path)
+    assert len(rows) == 3
+    assert calls[0]["args"][0] == "org/gated-set" and calls[0]["token"] == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,7 +83,7 @@ def test_summary_is_trimmed_to_the_termination_message_limit(tmp_path: Path) -> 
     assert json.loads(path.read_text())["exitReason"] == "completed"
 
 
-def test_progress_endpoint_serves_json_and_prometheus() -> None:
+def test_metrics_endpoint_serves_prometheus_text_only() -> None:
     state, metrics = ProgressState(), Metrics()
     server = start_server(state, metrics, port=0)
     assert server is None  # 0 turns it off
@@ -94,8 +95,9 @@ def test_progress_endpoint_serves_json_and_prometheus() -> None:
         metrics.checkpoint_upload.observe(1.2)
         metrics.checkpoint_failures.inc()
         base = f"http://127.0.0.1:{server.port}"
-        progress = json.load(urllib.request.urlopen(base + "/progress", timeout=5))
-        assert progress["step"] == 7 and progress["percent"] == 70.0 and progress["checkpoint"]["step"] == 5
+        with pytest.raises(urllib.error.HTTPError) as gone:  # the operator reads reports, not the pod
+            urllib.request.urlopen(base + "/progress", timeout=5)
+        assert gone.value.code == 404
         text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
         assert "finetune_trainer_step 7.0" in text and "finetune_trainer_loss 1.5" in text
         assert "finetune_trainer_tokens_per_second 321.0" in text

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_trainer.storage import ObjectNotFound, sha256_file
+from finetune_trainer.timestamps import rfc3339
 
 if TYPE_CHECKING:
     from finetune_trainer.storage import ObjectStore
@@ -119,7 +119,7 @@ def with_stage(state: dict[str, Any], stage: str, record: dict[str, Any], second
     finished = {
         **record,
         "seconds": round(seconds, 3),
-        "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finishedAt": rfc3339(),
     }
     return {**state, "stages": {**state["stages"], stage: finished}}
 

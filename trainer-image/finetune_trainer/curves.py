@@ -19,11 +19,11 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from finetune_trainer.progress import ProgressState
+from finetune_trainer.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 class MetricsLog:
     """metrics.jsonl being written by this pod, continued from a resumed checkpoint's copy."""
 
@@ -73,7 +69,7 @@ class MetricsLog:
             self.add({"kind": "resume", "step": step})
 
     def add(self, record: Record) -> None:
-        record = {**record, "time": record.get("time") or _now()}
+        record = {**record, "time": record.get("time") or rfc3339(digits=6)}
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,13 @@ def builder_for(source: DataSource, name: str) -> str:
     return FORMATS[suffix]
 
 
+def data_hub_token() -> str | None:
+    """The hub token for a gated data set (never logged). The operator sets `HF_DATA_TOKEN` from
+    spec.data.tokenSecretRef when the model has a Secret of its own, and `HF_TOKEN` when the data
+    set's Secret is the only one or the same as the model's (jobbuilder._env)."""
+    return os.environ.get("HF_DATA_TOKEN") or os.environ.get("HF_TOKEN") or None
+
+
 def source_field(source: DataSource) -> str:
     return "spec.data.hub" if source.hub else "spec.data.s3" if source.s3 else "spec.data.path"
 
@@ -81,7 +89,9 @@ def load_rows(source: DataSource, storage: StorageSpec, workdir: Path) -> datase
     field = source_field(source)
     try:
         if source.hub:
-            rows = datasets.load_dataset(source.hub, source.config, split=source.split, cache_dir=cache)
+            rows = datasets.load_dataset(
+                source.hub, source.config, split=source.split, cache_dir=cache, token=data_hub_token()
+            )
         else:
             path = _local_copy(source, storage, workdir) if source.s3 else Path(source.path or "")
             if not path.is_file():
@@ -173,19 +183,6 @@ def stats(texts: list[str], lengths: list[int], max_seq_length: int) -> DataStat
     )
 
 
-def chat_renderer(tokenizer: Any) -> templates.ChatRenderer | None:
-    """`tokenizer.apply_chat_template` as a ChatRenderer, or None when the tokenizer has no template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
-    return render
-
-
 @dataclass(frozen=True)
 class PreparedData:
     """Tokenized rows for SFTTrainer plus the figures preflight reports."""
@@ -204,7 +201,7 @@ def prepare(
     """Render, tokenize and check loaded rows: the data half of preflight."""
     import datasets
 
-    texts = render_all(rows, template, tokenizer.eos_token, chat_renderer(tokenizer))
+    texts = render_all(rows, template, tokenizer.eos_token, templates.chat_renderer(tokenizer))
     # Chat templates write their own BOS; adding another would double it.
     encoded, lengths = tokenize(texts, tokenizer, max_seq_length, add_special_tokens=template.type != "chat")
     figures = stats(texts, lengths, max_seq_length)

@@ -34,6 +34,7 @@ from finetune_trainer import gguf, samples
 from finetune_trainer.gguf import ExportError
 from finetune_trainer.merge import Merger, UnsupportedAdapterError, merge_adapter, merged_model
 from finetune_trainer.modelfile import modelfile_for
+from finetune_trainer.templates import chat_renderer
 
 if TYPE_CHECKING:
     from finetune_trainer.spec import ExportSpec, TrainingSpec
@@ -273,7 +274,7 @@ class Export:
             self.spec.template,
             gguf_name,
             tok.eos_token,
-            samples.chat_renderer(tok),
+            chat_renderer(tok),
             bos_token=tok.bos_token if adds_bos else None,
         )
         path = self.local(f"artifacts/model-{quant}.Modelfile")

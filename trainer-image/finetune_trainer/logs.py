@@ -8,18 +8,27 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from finetune_trainer.timestamps import rfc3339
+
 
 class JsonFormatter(logging.Formatter):
-    """`{"time", "level", "logger", "msg", ...fields}`; fields come from `extra={"fields": {...}}`."""
+    """One JSON object per line, the trainer's and the operator's alike: `time` (RFC 3339, ms),
+    `level` (lower case), `logger`, `msg`, `object` (namespace and name of the Kubernetes object a
+    kopf handler logs about), the fields of `extra={"fields": {...}}`, and `exception`."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": rfc3339(datetime.fromtimestamp(record.created, UTC), digits=3),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update(getattr(record, "fields", None) or {})
+        ref = getattr(record, "k8s_ref", None)
+        if isinstance(ref, dict):
+            entry["object"] = {k: ref.get(k) for k in ("namespace", "name") if ref.get(k)}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

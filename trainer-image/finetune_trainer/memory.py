@@ -114,3 +114,13 @@ def model_config(source: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(source).to_dict()
+
+
+def peak_gpu_memory_gib(device: str) -> float | None:
+    """GiB the CUDA caching allocator reserved at its peak so far (what `nvidia-smi` shows of this
+    process, about); None off CUDA."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_reserved() / 2**30, 2)

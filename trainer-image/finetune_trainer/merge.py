@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+from finetune_trainer.engines import WEIGHT_SUFFIXES
+
 SIXTEEN_BIT = ("bfloat16", "float16")
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
@@ -39,7 +40,11 @@ def copy_side_files(base_dir: Path, out_dir: Path) -> None:
     """Tokenizer and generation files of the base that save_pretrained did not write (for example a
     SentencePiece tokenizer.model, which llama.cpp's converter reads)."""
     for path in base_dir.iterdir():
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not (out_dir / path.name).exists():
+        if (
+            path.is_file()
+            and not path.name.endswith((*WEIGHT_SUFFIXES, ".index.json"))
+            and not (out_dir / path.name).exists()
+        ):
             shutil.copy2(path, out_dir / path.name)
 
 

@@ -1,12 +1,13 @@
-"""Live progress: one shared state, served as JSON on /progress and Prometheus text on /metrics.
+"""Live progress: one shared state, reported to the operator (report.py) and served as Prometheus
+text on /metrics.
 
 The training loop writes the state through `ProgressState.update`; the HTTP server thread and the
-report client (report.py) read consistent copies through `snapshot`.
+report client read consistent copies through `snapshot`. The operator learns progress from the
+reports alone (it never polls the pod), so the endpoint serves only what Prometheus scrapes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ DEFAULT_PORT = 9090
 
 @dataclass
 class ProgressState:
-    """What /progress shows. Field names are the wire names of the FineTuneJob status."""
+    """What the reports carry. Field names are the wire names of the FineTuneJob status."""
 
     phase: str = "Starting"
     step: int = 0
@@ -188,7 +189,7 @@ def start_server(state: ProgressState, metrics: Metrics, port: int) -> ProgressS
     except OSError as e:
         log.warning("progress endpoint not started on port %d: %s", port, e)
         return None
-    log.info("progress endpoint on port %d (/progress, /metrics)", server.port)
+    log.info("metrics endpoint on port %d (/metrics)", server.port)
     return server
 
 
@@ -196,16 +197,13 @@ def _handler(state: ProgressState, metrics: Metrics) -> type[BaseHTTPRequestHand
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
-            if path == "/progress":
-                body, kind = json.dumps(state.snapshot()).encode(), "application/json"
-            elif path == "/metrics":
-                metrics.observe(state.snapshot())
-                body, kind = generate_latest(metrics.registry), CONTENT_TYPE_LATEST
-            else:
-                self.send_error(404, "try /progress or /metrics")
+            if path != "/metrics":
+                self.send_error(404, "try /metrics")
                 return
+            metrics.observe(state.snapshot())
+            body = generate_latest(metrics.registry)
             self.send_response(200)
-            self.send_header("Content-Type", kind)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

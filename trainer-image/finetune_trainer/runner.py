@@ -16,18 +16,28 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from finetune_trainer import artifacts as art
-from finetune_trainer import batching, checkpoints, curves, engines, preflight, samples, summary, tracking
+from finetune_trainer import (
+    batching,
+    checkpoints,
+    curves,
+    engines,
+    memory,
+    preflight,
+    samples,
+    summary,
+    tracking,
+)
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ConfigError, DivergedError
 from finetune_trainer.jobfile import Job
 from finetune_trainer.progress import Metrics, ProgressState, port_from_env, start_server
 from finetune_trainer.report import reporter_from_env
 from finetune_trainer.signals import StopRequest, grace_margin
 from finetune_trainer.storage import ObjectStore, config_errors, open_store
+from finetune_trainer.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +296,7 @@ def _run(ctx: Context, device_request: str) -> int:
             tokensPerSecond=round(outcome.tokens / outcome.train_seconds, 1)
             if outcome.train_seconds
             else None,
-            peakGpuMemoryGiB=_peak_gpu_gib(device),
+            peakGpuMemoryGiB=memory.peak_gpu_memory_gib(device),
         )
         if outcome.interrupted:
             return _interrupted(ctx, uploader)
@@ -496,7 +506,7 @@ def build_summary(ctx: Context, snapshot: dict[str, Any]) -> dict[str, Any]:
     result.setdefault("steps", snapshot["step"])
     result.setdefault("finalLoss", snapshot["loss"])
     result["peakHostMemoryGiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    result["finishedAt"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result["finishedAt"] = rfc3339()
     artifacts = result.pop("artifacts", None)
     if artifacts is not None:
         result["artifacts"] = artifacts
@@ -511,7 +521,6 @@ def _activation_plan(spec: Any, device: str, model: Any, model_source: str) -> A
     """engines.cuda.ActivationPlan for `gradientCheckpointing: auto` on CUDA, else None."""
     if device != "cuda":
         return None
-    from finetune_trainer import memory
     from finetune_trainer.engines import cuda
 
     return cuda.activation_plan(spec, model, memory.model_config(model_source))
@@ -522,16 +531,6 @@ def _batch_plan(spec: Any, lengths: list[int], device: str, model_source: str) -
         return batching.plan(spec, lengths, device=device)
     import torch
 
-    from finetune_trainer import memory
-
     free, _total = torch.cuda.mem_get_info()
     model = memory.ModelMemory.from_config(memory.model_config(model_source))
     return batching.plan(spec, lengths, device=device, memory=model, free_bytes=free)
-
-
-def _peak_gpu_gib(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    import torch
-
-    return round(torch.cuda.max_memory_reserved() / 2**30, 2)

@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from finetune_trainer.storage import ObjectNotFound
-from finetune_trainer.templates import render_prompt
+from finetune_trainer.templates import chat_renderer, render_prompt
 
 if TYPE_CHECKING:
     from finetune_trainer.spec import PromptTemplate, TrainingSpec
@@ -23,15 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BEFORE_KEY = "export/samples-before.json"
-
-
-def chat_renderer(tokenizer: Any) -> Any:
-    """The tokenizer's chat template as a `templates.ChatRenderer`, or None when it has none."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    return lambda messages, add_generation_prompt: tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
 
 
 def rendered_prompts(template: PromptTemplate, prompts: list[str], tokenizer: Any) -> list[str]:

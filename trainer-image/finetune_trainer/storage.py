@@ -20,17 +20,28 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import boto3
-from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
+from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.model import ServiceModel
+from botocore.retries.standard import (
+    ModeledRetryableChecker,
+    OrRetryChecker,
+    RetryContext,
+    ThrottledRetryableChecker,
+    ThrottlingStatusCodeChecker,
+    TransientRetryableChecker,
+)
+from s3transfer.exceptions import RetriesExceededError
+from s3transfer.manager import TransferManager
 
 from finetune_trainer.errors import ConfigError
 
@@ -77,6 +88,11 @@ class ObjectStore(Protocol):
 
     def put_file(self, key: str, path: Path) -> None:
         """Store the file at `path` under `key`, replacing any object there."""
+        ...
+
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> None:
+        """Store each (key, path) like `put_file`, several at a time where the store can; waits for
+        all of them and then raises the first failure, if any."""
         ...
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -133,37 +149,62 @@ def config_errors(field: str) -> Iterator[None]:
         raise ConfigError(field, str(e)) from None
 
 
-def backoff_delays(attempts: int, base: float, cap: float = 30.0) -> list[float]:
-    """Sleeps between `attempts` tries: base, 2*base, 4*base, ... each at most `cap`."""
-    return [min(cap, base * 2**i) for i in range(max(0, attempts - 1))]
+@dataclass(frozen=True)
+class RetryPolicy:
+    """A named retry policy for work above single requests (a whole checkpoint, say): `attempts`
+    tries in all, sleeping `backoff` seconds after the first failure, doubling, at most
+    `max_backoff`. A StorageError marked not retryable ends it at once; so does the last attempt.
 
+    Single S3 requests are retried by botocore (`S3_RETRIES`); this is the one layer above it.
+    """
 
-def retry(
-    op: Callable[[], T],
-    *,
-    attempts: int,
-    backoff: float,
-    what: str,
-    sleep: Callable[[float], None] = time.sleep,
-) -> T:
-    """Run `op`, retrying StorageErrors marked retryable with exponential backoff."""
-    delays = backoff_delays(attempts, backoff)
-    for attempt in range(attempts):
-        try:
-            return op()
-        except StorageError as e:
-            if not e.retryable or attempt == attempts - 1:
-                raise
-            log.warning(
-                "storage: %s failed (attempt %d of %d), retrying in %.2fs: %s",
-                what,
-                attempt + 1,
-                attempts,
-                delays[attempt],
-                e,
-            )
-            sleep(delays[attempt])
-    raise AssertionError("unreachable")
+    name: str
+    attempts: int
+    backoff: float
+    max_backoff: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"{self.name}: attempts: expected >= 1, got {self.attempts}")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"{self.name}: backoff: expected >= 0, got {self.backoff}/{self.max_backoff}")
+
+    def delays(self) -> list[float]:
+        """The sleeps between the attempts: backoff, 2*backoff, 4*backoff, ... each at most max_backoff."""
+        return [min(self.max_backoff, self.backoff * 2**i) for i in range(self.attempts - 1)]
+
+    def run(
+        self,
+        op: Callable[[], T],
+        *,
+        what: str,
+        on_failure: Callable[[Exception], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> T:
+        """`op()`, tried again as this policy says; `on_failure` sees every failed attempt, the
+        last included. The last failure is raised."""
+        delays = self.delays()
+        for n in range(self.attempts):
+            try:
+                return op()
+            except Exception as e:
+                if on_failure is not None:
+                    on_failure(e)
+                permanent = isinstance(e, StorageError) and not e.retryable
+                if permanent or n == self.attempts - 1:
+                    log.error("%s: %s: giving up after %d attempt(s): %s", self.name, what, n + 1, e)
+                    raise
+                log.warning(
+                    "%s: %s: attempt %d of %d failed, retrying in %.2fs: %s",
+                    self.name,
+                    what,
+                    n + 1,
+                    self.attempts,
+                    delays[n],
+                    e,
+                )
+                sleep(delays[n])
+        raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +243,11 @@ class LocalStore:
 
     def put_file(self, key: str, path: Path) -> None:
         write_atomically(self._path(key), lambda tmp: shutil.copyfile(path, tmp))
+
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> None:
+        # One after another: a local copy is bound by the disk, not by round trips.
+        for key, path in files:
+            self.put_file(key, path)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         write_atomically(self._path(key), lambda tmp: tmp.write_bytes(data))
@@ -260,31 +306,24 @@ class LocalStore:
 # ---------------------------------------------------------------------------------------------
 # S3
 
-_PERMANENT_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AllAccessDisabled",
-        "AccountProblem",
-        "InvalidAccessKeyId",
-        "InvalidBucketName",
-        "NoSuchBucket",
-        "SignatureDoesNotMatch",
-        "InvalidObjectState",
-    }
+S3_RETRIES: dict[str, Any] = {"mode": "standard", "total_max_attempts": 5}
+"""botocore's retries for every S3 request: standard mode (exponential backoff with jitter and a
+retry quota; adaptive mode's client-side rate limiter is meant for many writers contending for one
+table, not one uploader per pod), 5 attempts in all, the first included. They cover throttling
+(SlowDown), 5xx answers, timeouts and dropped connections; s3transfer adds its own retries of a
+download whose body stream breaks. Work above one request is retried by a `RetryPolicy`."""
+
+_RETRY_CONDITIONS = OrRetryChecker(
+    [
+        TransientRetryableChecker(),
+        ThrottledRetryableChecker(),
+        ThrottlingStatusCodeChecker(),
+        ModeledRetryableChecker(),
+    ]
 )
-
-
-_TRANSIENT_CODES = frozenset(
-    {
-        "RequestTimeout",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "InternalError",
-    }
-)
-
+"""botocore's standard-mode retry conditions (`StandardRetryConditions` without its attempt count
+and its STS and DynamoDB special cases): asked after botocore has given up on a request, the same
+rule decides a StorageError's `retryable`."""
 
 _SESSION_LOCK = threading.Lock()
 
@@ -304,25 +343,35 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
-def is_retryable_s3_error(code: str, http_status: int | None) -> bool:
-    """Throttling, timeouts and server errors are worth retrying; auth and missing buckets are not."""
-    if code in _PERMANENT_CODES:
-        return False
-    if code in _TRANSIENT_CODES:
-        return True
-    if http_status is None:
-        return True
-    return http_status >= 500 or http_status in (408, 429)
+def botocore_would_retry(error: Exception, service_model: ServiceModel | None = None) -> bool:
+    """Whether botocore's standard retry mode counts `error` as transient (throttling, 5xx,
+    RequestTimeout, a dropped connection, an error the service model marks retryable). Access
+    denied, no such bucket or bad credentials are not: trying again cannot help."""
+    if isinstance(error, RetriesExceededError):
+        return True  # s3transfer retried a broken download stream and ran out of attempts
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        operation = None
+        if service_model is not None and error.operation_name in service_model.operation_names:
+            operation = service_model.operation_model(error.operation_name)
+        context = RetryContext(
+            attempt_number=1,
+            operation_model=operation,
+            parsed_response=error.response,
+            http_response=AWSResponse("", status, {}, None) if isinstance(status, int) else None,
+        )
+    else:
+        context = RetryContext(attempt_number=1, caught_exception=error)
+    return bool(_RETRY_CONDITIONS.is_retryable(context))
 
 
 class S3Store:
     """An S3 bucket prefix as an object store (AWS or any S3-compatible server).
 
-    Retries happen twice over: botocore's standard retry mode (`max_attempts` per request, for
-    throttling and transient network errors) and, around uploads, our own exponential backoff
-    (`upload_attempts`, starting at `backoff` seconds) that also covers failures botocore gives up
-    on, such as a multipart upload losing its connection. Files above `multipart_threshold` bytes
-    upload in parts of `multipart_chunksize` bytes, several at a time.
+    Every request is retried by botocore (`S3_RETRIES`). Transfers go through one s3transfer
+    TransferManager per store, so the files of `put_files` upload together and a file above
+    `multipart_threshold` bytes uploads in parts of `multipart_chunksize` bytes; at most
+    `max_concurrency` requests are in flight at once, all files together.
     """
 
     def __init__(
@@ -331,34 +380,33 @@ class S3Store:
         endpoint: str | None = None,
         region: str | None = None,
         *,
-        max_attempts: int = 5,
-        upload_attempts: int = 3,
-        backoff: float = 1.0,
+        retries: dict[str, Any] | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         multipart_threshold: int = 64 << 20,
         multipart_chunksize: int = 64 << 20,
-        max_concurrency: int = 4,
+        max_concurrency: int = 8,
     ) -> None:
         self.bucket, self.prefix = split_s3_uri(uri)
         self.endpoint = endpoint
-        self.upload_attempts = upload_attempts
-        self.backoff = backoff
         config = Config(
-            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            retries=retries or S3_RETRIES,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            max_pool_connections=max(10, max_concurrency),
             # S3-compatible servers (MinIO, Ceph, moto) are addressed by path, not by bucket DNS name.
             s3={"addressing_style": "path"} if endpoint else {},
         )
         with _SESSION_LOCK:
             session = _shared_session()
             self._client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
-        self._transfer = TransferConfig(
+        self._transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency,
         )
+        self._transfers: TransferManager | None = None
+        self._transfers_lock = threading.Lock()
 
     def __repr__(self) -> str:
         where = f", endpoint={self.endpoint!r}" if self.endpoint else ""
@@ -367,6 +415,13 @@ class S3Store:
     def _key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _manager(self) -> TransferManager:
+        """The store's transfer manager, started at the first transfer (its threads with it)."""
+        with self._transfers_lock:
+            if self._transfers is None:
+                self._transfers = TransferManager(self._client, self._transfer_config)
+            return self._transfers
 
     def _error(self, e: Exception, what: str, key: str) -> StorageError:
         """Translate a boto error into a StorageError naming the object (never credentials)."""
@@ -381,45 +436,42 @@ class S3Store:
                 return ObjectNotFound(self.uri(key))
             return StorageError(
                 f"{what} {self.uri(key)}: {code or status}: {error.get('Message', '')}".rstrip(": "),
-                retryable=is_retryable_s3_error(code, status),
+                retryable=botocore_would_retry(cause, self._client.meta.service_model),
             )
-        return StorageError(f"{what} {self.uri(key)}: {type(e).__name__}: {e}")
+        return StorageError(
+            f"{what} {self.uri(key)}: {type(e).__name__}: {e}", retryable=botocore_would_retry(e)
+        )
 
     def _call(self, what: str, key: str, op: Callable[[], T]) -> T:
         try:
             return op()
-        except (BotoCoreError, ClientError, Boto3Error) as e:
+        except (BotoCoreError, ClientError, RetriesExceededError) as e:
             raise self._error(e, what, key) from e
 
-    def _upload(self, what: str, key: str, op: Callable[[], None]) -> None:
-        retry(
-            lambda: self._call(what, key, op),
-            attempts=self.upload_attempts,
-            backoff=self.backoff,
-            what=f"{what} {self.uri(key)}",
-        )
-
     def put_file(self, key: str, path: Path) -> None:
-        full = self._key(key)
-        self._upload(
-            "upload",
-            key,
-            lambda: self._client.upload_file(str(path), self.bucket, full, Config=self._transfer),
-        )
+        self.put_files([(key, path)])
+
+    def put_files(self, files: Sequence[tuple[str, Path]]) -> None:
+        manager = self._manager()
+        pending = [(key, manager.upload(str(path), self.bucket, self._key(key))) for key, path in files]
+        first: StorageError | None = None
+        for key, future in pending:
+            try:
+                self._call("upload", key, future.result)
+            except StorageError as e:
+                first = first or e
+        if first is not None:
+            raise first
 
     def put_bytes(self, key: str, data: bytes) -> None:
         full = self._key(key)
-        self._upload("upload", key, lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=data))
+        self._call("upload", key, lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=data))
 
     def get_file(self, key: str, path: Path) -> None:
         full = self._key(key)
 
         def fetch(tmp: Path) -> None:
-            self._call(
-                "download",
-                key,
-                lambda: self._client.download_file(self.bucket, full, str(tmp), Config=self._transfer),
-            )
+            self._call("download", key, self._manager().download(self.bucket, full, str(tmp)).result)
 
         write_atomically(path, fetch)
 
@@ -427,7 +479,8 @@ class S3Store:
         full = self._key(key)
 
         def fetch() -> bytes:
-            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            body: bytes = self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            return body
 
         return self._call("download", key, fetch)
 

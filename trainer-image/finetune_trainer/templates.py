@@ -34,6 +34,19 @@ OPTIONAL_PLACEHOLDERS = {"alpaca": frozenset({"input"})}
 """Placeholders whose column may be absent (Alpaca data sets often have no `input`)."""
 
 
+def chat_renderer(tokenizer: Any) -> ChatRenderer | None:
+    """`tokenizer.apply_chat_template` as a ChatRenderer, or None when the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    return render
+
+
 def placeholders(template: PromptTemplate) -> dict[str, str]:
     """Placeholder -> column for this template, with `fields` applied."""
     if template.type == "custom":

@@ -22,6 +22,7 @@ from typing import Any
 
 from finetune_trainer.batching import BatchPlan
 from finetune_trainer.evaluation import record_accuracy
+from finetune_trainer.memory import peak_gpu_memory_gib
 from finetune_trainer.progress import Metrics, ProgressState
 from finetune_trainer.signals import StopRequest
 from finetune_trainer.spec import TrainingSpec
@@ -277,7 +278,7 @@ class ProgressCallback(_Callback):
             step=state.global_step,
             tokens=self.meter.total_tokens,
             eta_seconds=round(per_step * max(0, state.max_steps - state.global_step), 1),
-            gpu_memory_gib=_gpu_memory_gib(self.device),
+            gpu_memory_gib=peak_gpu_memory_gib(self.device),
         )
         if self.bar is not None:
             self.bar.update(1)
@@ -387,14 +388,6 @@ def adapters_to_fp32(model: Any) -> int:
             param.data = param.data.to(torch.float32)
             cast += 1
     return cast
-
-
-def _gpu_memory_gib(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    import torch
-
-    return round(torch.cuda.max_memory_reserved() / 2**30, 2)
 
 
 def train(

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_trainer import artifacts as art
+from finetune_trainer.engines import WEIGHT_SUFFIXES
 from finetune_trainer.storage import ObjectNotFound, StorageError, sha256_file
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ PREFIX = "cache/base-4bit/"
 SHARD_BYTES = 2**30
 """Shards of the saved folder: an upload stopped by SIGTERM gives up within one shard."""
 VERSIONED = ("bitsandbytes", "transformers", "unsloth")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def cache_key(source: str, revision: str | None, model_dir: Path | None, quantization: dict[str, Any]) -> str:

@@ -34,6 +34,8 @@ def detect_device(requested: str = "auto") -> Device:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+"""Endings of model weight files: what a tokenizer-only download skips, what a merge does not copy
+from the base model's folder, what the 4-bit weight cache stores."""
 
 
 def resolve_model_source(
