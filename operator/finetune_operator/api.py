@@ -21,7 +21,7 @@ from finetune_trainer.spec import (
     cel,
     validations,
 )
-from pydantic import Field
+from pydantic import Field, model_validator
 
 __all__ = ["API_GROUP", "API_VERSION", "KIND", "PLURAL", "SHORT_NAME", "SecretKeyRef"]
 
@@ -45,11 +45,31 @@ class Toleration(Spec):
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
 
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
+_MIG_DATA_PARALLEL = (
+    "gpus > 1 needs whole GPUs: with MIG slices (gpuResource nvidia.com/mig-...) a CUDA process sees"
+    " one slice, so the data-parallel ranks (one process per GPU) cannot use the others; ask for 1"
+    " slice, or whole GPUs (nvidia.com/gpu)"
+)
+
+
 class ResourceSpec(Spec):
     """Compute for the training pod."""
 
+    model_config = {
+        "json_schema_extra": validations(
+            cel(
+                f"self.gpus <= 1 || !self.gpuResource.startsWith('{MIG_RESOURCE_PREFIX}')",
+                _MIG_DATA_PARALLEL,
+                ".gpus",
+            )
+        )
+    }
+
     gpus: int = Field(default=1, ge=0, le=16)
-    """GPUs for the pod (requests = limits). 0 trains on the CPU (tiny models, tests)."""
+    """GPUs for the pod (requests = limits). 0 trains on the CPU (tiny models, tests); more than 1
+    trains data-parallel, one trainer process per GPU (rows per optimizer step = batchSize x
+    gradientAccumulationSteps x gpus)."""
     gpu_resource: str = Field(default="nvidia.com/gpu", max_length=253)
     """Extended resource name of the GPU."""
     cpu: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
@@ -58,6 +78,12 @@ class ResourceSpec(Spec):
         default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
     )
     """Memory request and limit, for example `64Gi`; operator default when unset."""
+
+    @model_validator(mode="after")
+    def _data_parallel_needs_whole_gpus(self) -> ResourceSpec:
+        if self.gpus > 1 and self.gpu_resource.startswith(MIG_RESOURCE_PREFIX):
+            raise ValueError(_MIG_DATA_PARALLEL)
+        return self
 
 
 class JobStorageSpec(StorageSpec):

@@ -260,4 +260,3 @@ def collect_rng_states(ranks: Ranks, folder: Path) -> None:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
-

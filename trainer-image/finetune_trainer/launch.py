@@ -2,8 +2,9 @@
 
 The container's command stays `python -m finetune_trainer run job.json`. When
 FINETUNE_NPROC_PER_NODE says how many processes to start (the operator sets it to the GPUs of a
-multi-GPU pod; tests set it on the CPU), this process becomes the launcher: torch.distributed.run's elastic agent (the library under `torchrun`) starts that many
-ranks of the same command, forwards SIGTERM to all of them, and waits for them. The launcher
+multi-GPU pod; tests set it on the CPU), this process becomes the launcher:
+torch.distributed.run's elastic agent (the library under `torchrun`) starts that many ranks of
+the same command, forwards SIGTERM to all of them, and waits for them. The launcher
 itself trains nothing; it keeps what the operator reads from the container coherent:
 
 - the exit code: 78 when a rank found the spec wrong, 143 when the ranks stopped on SIGTERM
@@ -16,8 +17,7 @@ itself trains nothing; it keeps what the operator reads from the container coher
 Torchrun's own defaults are changed where they are wrong for a preemptible job: no restarts (the
 Job's pod replacement resumes from the checkpoint instead, with the operator counting attempts),
 and the agent waits the whole grace period for the ranks' emergency checkpoint after SIGTERM
-(its default is 30 s, then SIGKILL). Multi-node (FINETUNE_NNODES > 1, docs/architecture.md) uses
-the same agent with a c10d rendezvous at FINETUNE_RDZV_ENDPOINT.
+(its default is 30 s, then SIGKILL). One node: the design for several is in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -40,19 +40,13 @@ from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ConfigE
 log = logging.getLogger(__name__)
 
 ENV_NPROC = "FINETUNE_NPROC_PER_NODE"
-ENV_NNODES = "FINETUNE_NNODES"
-ENV_RDZV_ENDPOINT = "FINETUNE_RDZV_ENDPOINT"
-ENV_RUN_ID = "FINETUNE_RUN_ID"
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How many trainer processes to start here, on how many nodes."""
+    """How many trainer processes to start in this pod."""
 
     nproc_per_node: int
-    nnodes: int = 1
-    rdzv_endpoint: str | None = None
-    run_id: str | None = None
 
 
 def _positive(env: Mapping[str, str], name: str) -> int | None:
@@ -75,7 +69,6 @@ def plan(device: str, visible_gpus: int, env: Mapping[str, str]) -> Plan | None:
     spec's Kubernetes fields); 1 runs one rank through torchrun (the GPU benchmark times the same
     path as several). On CUDA every rank needs a GPU of its own."""
     nproc = _positive(env, ENV_NPROC)
-    nnodes = _positive(env, ENV_NNODES) or 1
     if nproc is None:
         return None
     if device == "cuda" and visible_gpus < nproc:
@@ -83,10 +76,7 @@ def plan(device: str, visible_gpus: int, env: Mapping[str, str]) -> Plan | None:
             "spec.resources.gpus",
             f"{nproc} processes, one per GPU, but this pod sees {visible_gpus} GPU(s)",
         )
-    endpoint = env.get(ENV_RDZV_ENDPOINT) or None
-    if nnodes > 1 and endpoint is None:
-        raise ConfigError(ENV_RDZV_ENDPOINT, f"{nnodes} nodes need a rendezvous endpoint (host:port)")
-    return Plan(nproc, nnodes, endpoint, env.get(ENV_RUN_ID) or None)
+    return Plan(nproc)
 
 
 def exit_code(codes: Mapping[int, int] | None, reason: str | None) -> int:
@@ -120,10 +110,7 @@ def failure_message(codes: Mapping[int, int]) -> str | None:
         parts.append(f"rank {rank} {how}")
     if not parts:
         return None
-    return (
-        "; ".join(parts)
-        + ": the attempt failed; the next one resumes from the last complete checkpoint"
-    )
+    return "; ".join(parts) + ": the attempt failed; the next one resumes from the last complete checkpoint"
 
 
 def run_ranks(argv: list[str], launch: Plan, grace_seconds: int) -> int:
@@ -138,24 +125,24 @@ def run_ranks(argv: list[str], launch: Plan, grace_seconds: int) -> int:
         os.environ["FINETUNE_WORKDIR"] = temporary
     summary_file = summary.summary_path()
     _clear(summary_file)  # what is there afterwards is this attempt's
+    # torchrun --standalone: a c10d rendezvous on a free local port, this process its host.
     config = LaunchConfig(
-        min_nodes=launch.nnodes,
-        max_nodes=launch.nnodes,
+        min_nodes=1,
+        max_nodes=1,
         nproc_per_node=launch.nproc_per_node,
-        run_id=launch.run_id or uuid.uuid4().hex,
+        run_id=uuid.uuid4().hex,
         rdzv_backend="c10d",
-        rdzv_endpoint=launch.rdzv_endpoint or "127.0.0.1:0",
-        rdzv_configs={} if launch.nnodes > 1 else {"is_host": True},
+        rdzv_endpoint="127.0.0.1:0",
+        rdzv_configs={"is_host": True},
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",
         shutdown_timeout=grace_seconds,
     )
     log.info(
-        "starting %d trainer processes (one per GPU) on %d node(s)",
+        "starting %d trainer processes, one per GPU",
         launch.nproc_per_node,
-        launch.nnodes,
-        extra={"fields": {"event": "launch", "nprocPerNode": launch.nproc_per_node, "nnodes": launch.nnodes}},
+        extra={"fields": {"event": "launch", "nprocPerNode": launch.nproc_per_node}},
     )
     codes: dict[int, int] | None
     try:
@@ -178,7 +165,9 @@ def run_ranks(argv: list[str], launch: Plan, grace_seconds: int) -> int:
         summary.write(written, summary_file)
     elif code != 0 and not written:
         summary.write({"exitReason": "error", "message": "rank 0 ended without a summary"}, summary_file)
-    log.info("trainer processes ended: exit %d", code, extra={"fields": {"event": "ranks-done", "codes": codes}})
+    log.info(
+        "trainer processes ended: exit %d", code, extra={"fields": {"event": "ranks-done", "codes": codes}}
+    )
     return code
 
 

@@ -254,6 +254,7 @@ class ProgressCallback(_Callback):
         json_lines: bool,
         device: str,
         metrics: Metrics,
+        *,
         ranks: Ranks,
     ) -> None:
         self.progress = progress
@@ -448,7 +449,7 @@ def train(
             record_accuracy(self._metrics["eval"], outputs.logits, inputs["labels"])
             return (loss, outputs) if return_outputs else loss
 
-    progress_cb = ProgressCallback(progress, meter, json_lines, device, metrics, ranks)
+    progress_cb = ProgressCallback(progress, meter, json_lines, device, metrics, ranks=ranks)
     checkpoint_cb = CheckpointCallback(
         spec,
         stop=stop,
