@@ -182,7 +182,11 @@ class Progress(Spec):
     eta_seconds: float | None = None
     """Estimated seconds until training ends."""
     gpu_memory_gib: float | None = None
-    """Peak GPU memory reserved."""
+    """Peak GPU memory reserved (the largest of the ranks' with several GPUs)."""
+    gpu_memory_per_rank_gib: list[float] | None = Field(default=None, max_length=16)
+    """Peak GPU memory reserved by each rank (one trainer process per GPU), by rank."""
+    ranks: int | None = Field(default=None, ge=1)
+    """Trainer processes training data-parallel, one per GPU."""
     phase: str | None = Field(default=None, max_length=64)
     """The trainer's own stage: Preflight, Loading, Training, Exporting, ..."""
     batch_size: int | None = Field(default=None, ge=1)
