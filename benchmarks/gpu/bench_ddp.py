@@ -35,7 +35,9 @@ ROWS_PER_STEP = 8
 STEPS = 30
 
 
-def run(name: str, model: Path, data: Path, root: Path, env: dict[str, str], ranks: int | None) -> dict[str, Any]:
+def run(
+    name: str, model: Path, data: Path, root: Path, *, env: dict[str, str], ranks: int | None
+) -> dict[str, Any]:
     workdir = root / name
     workdir.mkdir(parents=True, exist_ok=True)
     per_rank = ROWS_PER_STEP // (ranks or 1)
@@ -92,12 +94,12 @@ def main() -> None:
     }
     gpus = torch.cuda.device_count()
     results = {
-        "single": run("single", model, data, root, env, None),
-        "torchrun-1": run("torchrun-1", model, data, root, env, 1),
+        "single": run("single", model, data, root, env=env, ranks=None),
+        "torchrun-1": run("torchrun-1", model, data, root, env=env, ranks=1),
     }
     ranks = 4 if gpus >= 4 else 2 if gpus >= 2 else 0  # divisors of the 8 rows per step
     if ranks:
-        results[f"torchrun-{ranks}"] = run(f"torchrun-{ranks}", model, data, root, env, ranks)
+        results[f"torchrun-{ranks}"] = run(f"torchrun-{ranks}", model, data, root, env=env, ranks=ranks)
     base = results["single"].get("losses") or []
     for name, figures in results.items():
         figures["loss_max_rel_diff_vs_single"] = max_relative_difference(figures.get("losses") or [], base)
