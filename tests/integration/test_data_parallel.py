@@ -9,9 +9,9 @@ whose rank 1 is killed -9 after step KILL_AFTER, then run again; a one-rank run 
 job's checkpoints.
 
 Tolerances: one rank against two, 1e-6 relative on every step's loss (measured: 1.2e-7 at most):
-the same rows and the same normalisation (each rank's loss is divided by the tokens of the whole step and the gradients are
-averaged), but the sums are ordered differently (two micro-batches of 4 rows, an all-reduce)
-and the padded lengths differ, so float32 rounding differs. Resumed runs against the
+the same rows and the same normalisation (each rank's loss is divided by the tokens of the whole
+step and the gradients are averaged), but the sums are ordered differently (two micro-batches of
+4 rows, an all-reduce) and the padded lengths differ, so float32 rounding differs. Resumed runs against the
 uninterrupted two-rank run: exact (same ranks, each rank's RNG state restored, the same batches).
 """
 
