@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -428,6 +429,19 @@ def train(
             loss = super().training_step(model, inputs, *rest, **kw)
             meter.add_loss(loss)
             return loss
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            # With several ranks transformers maps the optimizer state onto args.device, which on
+            # the CPU is `cpu:<rank>`, a location torch.load cannot restore to; on the CPU every
+            # rank's state belongs in plain host memory anyway.
+            folder = Path(checkpoint) if checkpoint else None
+            if device == "cuda" or ranks.world.size == 1 or folder is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            if (folder / "optimizer.pt").is_file() and (folder / "scheduler.pt").is_file():
+                load = partial(torch.load, map_location="cpu", weights_only=True)
+                self.optimizer.load_state_dict(load(folder / "optimizer.pt"))
+                self.lr_scheduler.load_state_dict(load(folder / "scheduler.pt"))
+            return None
 
         def compute_loss(
             self,
