@@ -136,11 +136,31 @@ class Toleration(Spec):
         return self
 
 
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
+_MIG_DATA_PARALLEL = (
+    "gpus > 1 needs whole GPUs: with MIG slices (gpuResource nvidia.com/mig-...) a CUDA process sees"
+    " one slice, so the data-parallel ranks (one process per GPU) cannot use the others; ask for 1"
+    " slice, or whole GPUs (nvidia.com/gpu)"
+)
+
+
 class ResourceSpec(Spec):
     """Compute for the training pod."""
 
+    model_config = {
+        "json_schema_extra": validations(
+            cel(
+                f"self.gpus <= 1 || !self.gpuResource.startsWith('{MIG_RESOURCE_PREFIX}')",
+                _MIG_DATA_PARALLEL,
+                ".gpus",
+            )
+        )
+    }
+
     gpus: int = Field(default=1, ge=0, le=16)
-    """GPUs for the pod (requests = limits). 0 trains on the CPU (tiny models, tests)."""
+    """GPUs for the pod (requests = limits). 0 trains on the CPU (tiny models, tests); more than 1
+    trains data-parallel, one trainer process per GPU (rows per optimizer step = batchSize x
+    gradientAccumulationSteps x gpus)."""
     gpu_resource: str = Field(
         default="nvidia.com/gpu",
         max_length=253,
@@ -167,6 +187,12 @@ class ResourceSpec(Spec):
                 "must be an extended resource outside the kubernetes.io domain, such as nvidia.com/gpu"
             )
         return value
+
+    @model_validator(mode="after")
+    def _data_parallel_needs_whole_gpus(self) -> ResourceSpec:
+        if self.gpus > 1 and self.gpu_resource.startswith(MIG_RESOURCE_PREFIX):
+            raise ValueError(_MIG_DATA_PARALLEL)
+        return self
 
 
 class JobStorageSpec(StorageSpec):
@@ -311,7 +337,11 @@ class Progress(Spec):
     eta_seconds: float | None = None
     """Estimated seconds until training ends."""
     gpu_memory_gib: float | None = None
-    """Peak GPU memory reserved."""
+    """Peak GPU memory reserved (the largest of the ranks' with several GPUs)."""
+    gpu_memory_per_rank_gib: list[float] | None = Field(default=None, max_length=16)
+    """Peak GPU memory reserved by each rank (one trainer process per GPU), by rank."""
+    ranks: int | None = Field(default=None, ge=1)
+    """Trainer processes training data-parallel, one per GPU."""
     phase: str | None = Field(default=None, max_length=64)
     """The trainer's own stage: Preflight, Loading, Training, Exporting, ..."""
     batch_size: int | None = Field(default=None, ge=1)

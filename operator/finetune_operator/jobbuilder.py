@@ -33,6 +33,20 @@ PROGRESS_PORT = 9090
 MAX_MANIFEST_BYTES = 256 * 1024 - 1024
 """The API server's limit on a pod's annotations (256 KiB, keys and values), less room for
 annotations that admission controllers add."""
+SHM_DIR = "/dev/shm"
+SHM_MIB_PER_GPU = 1024
+"""Memory-backed /dev/shm for a multi-GPU pod, per GPU. The container runtime's default is 64 MiB;
+NCCL's shared-memory transport between the ranks of one pod (used where GPUs have no P2P path,
+and for its host-side buffers) needs more than that at 4 ranks and fails at init ("unable to
+allocate shared memory"). It counts against the pod's memory limit, so it is bounded."""
+DATA_PARALLEL_ENV = {
+    # A rank that dies makes the others' pending NCCL operations fail within seconds, instead of
+    # hanging until the collective timeout (10 minutes): the attempt fails and the Job retries it.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # NCCL's own warnings (a transport that fell back, a topology problem) in the pod's log.
+    "NCCL_DEBUG": "WARN",
+}
+"""Environment of a multi-GPU trainer besides FINETUNE_NPROC_PER_NODE."""
 
 ENV_HUB_TOKEN = "HF_TOKEN"
 ENV_DATA_HUB_TOKEN = "HF_DATA_TOKEN"
@@ -147,14 +161,23 @@ def _env(ftj: dict[str, Any], spec: FineTuneJobSpec, cfg: OperatorConfig) -> lis
         {"name": "HF_HOME", "value": f"{WORK_DIR}/.cache/huggingface"},
         # torch (OpenMP) starts one thread per core of the *node*; pods sharing a node then
         # oversubscribe it, and spinning OpenMP threads slow training many times over (15x measured
-        # with four tiny trainers on two cores). One thread per requested CPU, rounded up.
+        # with four tiny trainers on two cores). One thread per requested CPU, rounded up; with one
+        # process per GPU, the requested CPUs divided among them.
         {
             "name": "OMP_NUM_THREADS",
             "valueFrom": {
-                "resourceFieldRef": {"containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1"}
+                "resourceFieldRef": {
+                    "containerName": CONTAINER,
+                    "resource": "requests.cpu",
+                    "divisor": str(max(1, spec.resources.gpus)),
+                }
             },
         },
     ]
+    if spec.resources.gpus > 1:
+        # The trainer starts one process per GPU (finetune_trainer/launch.py, through torchrun).
+        env.append({"name": "FINETUNE_NPROC_PER_NODE", "value": str(spec.resources.gpus)})
+        env += [{"name": name, "value": value} for name, value in DATA_PARALLEL_ENV.items()]
     secret = resolved_storage(ftj, cfg).get("credentialsSecret")
     if secret:
         for key, optional in S3_SECRET_KEYS:
@@ -210,6 +233,10 @@ def _resources(spec: FineTuneJobSpec, cfg: OperatorConfig) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
+def _shm_size(spec: FineTuneJobSpec) -> str:
+    return f"{SHM_MIB_PER_GPU * spec.resources.gpus}Mi"
+
+
 def _tolerations(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[dict[str, Any]]:
     own = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
     return [*(t for t in cfg.default_tolerations if t not in own), *own]
@@ -259,6 +286,7 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "work", "mountPath": WORK_DIR},
             {"name": "finetune", "mountPath": SPEC_DIR, "readOnly": True},
+            *([{"name": "shm", "mountPath": SHM_DIR}] if spec.resources.gpus > 1 else []),
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
@@ -280,6 +308,11 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
         "volumes": [
             {"name": "tmp", "emptyDir": {}},
             {"name": "work", "emptyDir": {}},
+            *(
+                [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm_size(spec)}}]
+                if spec.resources.gpus > 1
+                else []
+            ),
             {
                 "name": "finetune",
                 "projected": {

@@ -32,6 +32,8 @@ PROGRESS_FIELDS = {
     "tokensPerSecond": "tokensPerSecond",
     "etaSeconds": "etaSeconds",
     "gpuMemoryGiB": "gpuMemoryGib",
+    "gpuMemoryPerRankGiB": "gpuMemoryPerRankGib",
+    "ranks": "ranks",
     "checkpointFailures": "checkpointFailures",
     "phase": "phase",
     "batchSize": "batchSize",

@@ -273,3 +273,37 @@ def test_secret_fields_name_the_spec_field_of_each_secret() -> None:
         "hub": "spec.model.tokenSecretRef",
         "finetune-s3": "the operator's storage.credentialsSecret",
     }
+
+
+def test_multi_gpu_pod_gets_what_data_parallel_training_needs() -> None:
+    job = build_job(ftj(resources={"gpus": 4, "cpu": "16"}), CFG)
+    container, pod = trainer(job), pod_spec(job)
+    env = {e["name"]: e for e in container["env"]}
+    # One trainer process per GPU (finetune_trainer/launch.py reads it).
+    assert env["FINETUNE_NPROC_PER_NODE"]["value"] == "4"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    # The requested CPUs shared among the 4 processes: 16 / 4 = 4 OpenMP threads each.
+    assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["divisor"] == "4"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1"
+    assert env["NCCL_DEBUG"]["value"] == "WARN"
+    # A memory-backed /dev/shm, bounded (the runtime's default is 64 MiB; NCCL needs more).
+    [shm] = [v for v in pod["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "4096Mi"}
+    assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_single_gpu_and_cpu_pods_stay_one_process_without_shm(gpus: int) -> None:
+    job = build_job(ftj(resources={"gpus": gpus}), CFG)
+    names = {e["name"] for e in trainer(job)["env"]}
+    assert "FINETUNE_NPROC_PER_NODE" not in names and "NCCL_DEBUG" not in names
+    assert all(v["name"] != "shm" for v in pod_spec(job)["volumes"])
+
+
+def test_several_mig_slices_are_refused_naming_the_field() -> None:
+    spec = {"resources": {"gpus": 2, "gpuResource": "nvidia.com/mig-3g.40gb"}}
+    with pytest.raises(InvalidJobError) as e:
+        build_job(ftj(**spec), CFG)
+    assert e.value.field.startswith("spec.resources")
+    assert "gpus > 1 needs whole GPUs" in e.value.message
+    build_job(ftj(resources={"gpus": 1, "gpuResource": "nvidia.com/mig-3g.40gb"}), CFG)  # one slice is fine

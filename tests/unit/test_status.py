@@ -393,3 +393,12 @@ def test_early_stop_succeeds_with_the_reason_and_the_steps_it_ran() -> None:
     assert p["phase"] == "Succeeded" and reason in p["message"]
     assert by_type(p)["Succeeded"]["reason"] == "EarlyStopped" and by_type(p)["Ready"]["status"] == "True"
     assert p["progress"]["step"] == 30 and p["progress"]["percent"] == 50.0
+
+
+def test_data_parallel_progress_shows_each_ranks_gpu_memory() -> None:
+    f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
+    sent = {**report(5, "2025-03-01T11:59:30Z"), "gpuMemoryGiB": 21.5, "gpuMemoryPerRankGiB": [21.5, 20.9]}
+    p = derive_status(f, job(), [pod()], {**sent, "ranks": 2}, NOW)
+    assert p["progress"]["ranks"] == 2
+    assert p["progress"]["gpuMemoryPerRankGib"] == [21.5, 20.9]
+    assert p["progress"]["gpuMemoryGib"] == 21.5

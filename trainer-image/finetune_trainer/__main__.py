@@ -42,9 +42,38 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     if args.command == "preflight":
         return _preflight(job)
+    if "LOCAL_RANK" not in os.environ:  # not a rank torchrun started: maybe the launcher
+        launched = _launch(job, argv if argv is not None else sys.argv[1:], args.device)
+        if launched is not None:
+            return launched
     from finetune_trainer.runner import run
 
     return run(job, args.device, json_lines)
+
+
+def _launch(job: object, argv: list[str], device_request: str) -> int | None:
+    """One process per GPU through torchrun when FINETUNE_NPROC_PER_NODE asks for it (launch.py):
+    the ranks' combined exit code, or None to train in this process."""
+    from finetune_trainer import engines, launch, summary
+
+    try:
+        device = engines.detect_device(device_request)
+        visible = _visible_gpus() if device == "cuda" else 0
+        plan = launch.plan(device, visible, os.environ)
+    except ConfigError as e:
+        log.error("config error: %s", e, extra={"fields": {"field": e.field}})
+        summary.write({"exitReason": "config-error", "message": str(e)})
+        return EXIT_CONFIG_ERROR
+    if plan is None:
+        return None
+    grace = job.spec.checkpoint.grace_period_seconds  # type: ignore[attr-defined]
+    return launch.run_ranks(argv, plan, grace)
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _preflight(job: object) -> int:

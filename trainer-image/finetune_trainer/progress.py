@@ -37,6 +37,11 @@ class ProgressState:
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     gpu_memory_gib: float | None = None
+    """Peak GPU memory reserved: the largest of the ranks'."""
+    gpu_memory_per_rank_gib: list[float] | None = None
+    """Each rank's peak GPU memory reserved, by rank (data-parallel runs)."""
+    ranks: int | None = None
+    """Trainer processes (one per GPU) training together."""
     tokens: int = 0
     checkpoint: dict[str, Any] | None = None
     checkpoint_failures: int = 0
@@ -79,6 +84,10 @@ class ProgressState:
                 "tokensPerSecond": self.tokens_per_second,
                 "etaSeconds": self.eta_seconds,
                 "gpuMemoryGiB": self.gpu_memory_gib,
+                "gpuMemoryPerRankGiB": list(self.gpu_memory_per_rank_gib)
+                if self.gpu_memory_per_rank_gib is not None
+                else None,
+                "ranks": self.ranks,
                 "tokens": self.tokens,
                 "checkpoint": dict(self.checkpoint) if self.checkpoint else None,
                 "checkpointFailures": self.checkpoint_failures,
@@ -111,7 +120,9 @@ class Metrics:
         self.tokens_per_second = Gauge(
             "finetune_trainer_tokens_per_second", "Real (non-padding) tokens per second.", registry=r
         )
-        self.tokens = Gauge("finetune_trainer_tokens", "Real tokens trained on by this process.", registry=r)
+        self.tokens = Gauge(
+            "finetune_trainer_tokens", "Real tokens trained on, by all ranks together.", registry=r
+        )
         self.gpu_memory = Gauge(
             "finetune_trainer_gpu_memory_gib", "Peak GPU memory reserved (GiB).", registry=r
         )

@@ -24,6 +24,7 @@ from finetune_trainer import (
     batching,
     checkpoints,
     curves,
+    distributed,
     engines,
     memory,
     preflight,
@@ -59,6 +60,8 @@ class Context:
     json_lines: bool
     poke: Callable[[], None] = lambda: None
     result: dict[str, Any] = field(default_factory=dict)
+    ranks: distributed.Ranks = field(default_factory=lambda: distributed.Ranks(distributed.World(), "cpu"))
+    """This process's rank among the job's (one rank: no torch.distributed)."""
     tracker: tracking.Tracker = field(default_factory=tracking.Tracker)
     tracked_files: list[Path] = field(default_factory=list)
     """Files attached to the tracking run at the end (loss.png, metrics.jsonl, samples)."""
@@ -80,14 +83,24 @@ def default_store_root(job: Job) -> Path:
 
 
 def run(job: Job, device_request: str = "auto", json_lines: bool = True) -> int:
+    """The whole run in this process: alone, or as one rank of several (launch.py started them;
+    only rank 0 serves progress, reports, writes checkpoints, the summary and the artifacts)."""
+    world = distributed.World.from_env()
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story; the others warn
     workdir, temporary = workdir_from_env()
     progress, metrics, stop = ProgressState(), Metrics(), StopRequest()
     stop.install()
-    server = start_server(progress, metrics, port_from_env())
-    reporter = reporter_from_env(progress.snapshot, {"name": job.name, "namespace": job.namespace})
+    server = start_server(progress, metrics, port_from_env()) if world.is_main else None
+    reporter = (
+        reporter_from_env(progress.snapshot, {"name": job.name, "namespace": job.namespace})
+        if world.is_main
+        else None
+    )
     ctx = Context(
         job, workdir, stop, progress, metrics, json_lines, reporter.poke if reporter else lambda: None
     )
+    ctx.ranks = distributed.Ranks(world, "cpu")
     started = time.monotonic()
     try:
         code = _run(ctx, device_request)
@@ -104,8 +117,10 @@ def run(job: Job, device_request: str = "auto", json_lines: bool = True) -> int:
     _finish_tracking(ctx, phase.lower() if phase != "Failed" else "failed")
     progress.update(phase=phase)
     ctx.result["wallSeconds"] = round(time.monotonic() - started, 1)
-    written = summary.write(build_summary(ctx, progress.snapshot()))
-    log.info("summary written to %s", written)
+    if world.is_main:
+        written = summary.write(build_summary(ctx, progress.snapshot()))
+        log.info("summary written to %s", written)
+    ctx.ranks.close()
     if reporter is not None:
         reporter.close()
     if server is not None:
@@ -118,9 +133,14 @@ def run(job: Job, device_request: str = "auto", json_lines: bool = True) -> int:
 
 def _run(ctx: Context, device_request: str) -> int:
     spec = ctx.job.spec
-    ctx.progress.update(phase="Preflight")
+    device = engines.detect_device(device_request)
+    ranks = ctx.ranks = distributed.Ranks(ctx.ranks.world, device).start()
+    world = ranks.world
+    ctx.progress.update(phase="Preflight", ranks=world.size)
+    ctx.result["ranks"] = world.size
     started = time.monotonic()
-    checked = preflight.check(spec, ctx.workdir)
+    # Rank 0 downloads the data (and the tokenizer) into the shared workdir; the others read it.
+    checked = ranks.main_first(lambda: preflight.check(spec, ctx.workdir))
     stats = checked.data.stats
     log.info(
         "preflight ok in %.1fs",
@@ -136,9 +156,8 @@ def _run(ctx: Context, device_request: str) -> int:
                 "%d of the validation rows equal a training row: their eval loss measures memorisation",
                 figures["overlapWithTraining"],
             )
-    device = engines.detect_device(device_request)
     lengths = [len(ids) for ids in checked.data.dataset["input_ids"]]
-    plan = _batch_plan(spec, lengths, device, checked.model_source)
+    plan = _batch_plan(spec, lengths, device, checked.model_source, ranks)
     log.info(
         "step split: %s",
         plan.reason,
@@ -160,8 +179,16 @@ def _run(ctx: Context, device_request: str) -> int:
     # smaller GPU resumes the same run with more micro-batches).
     fingerprint = checkpoints.config_fingerprint(spec)
     with config_errors("spec.storage.uri"):
-        resumed = checkpoints.resolve_resume(store, fingerprint, ctx.workdir / "resume")
+        # Rank 0 picks and downloads the checkpoint into the shared workdir, for every rank.
+        resumed = ranks.main_only(
+            lambda: checkpoints.resolve_resume(store, fingerprint, ctx.workdir / "resume")
+        )
     resume_dir, resume_ref = resumed if resumed else (None, None)
+    if resume_ref is not None:
+        trained_on = int((resume_ref.trainer_state or {}).get("worldSize") or 1)
+        problem = distributed.resume_problem(trained_on, world.size, resume_ref.step)
+        if problem is not None:
+            raise ConfigError("spec.resources.gpus", problem)
     if resume_ref is not None:
         log.info(
             "resuming from %s (step %d)",
@@ -180,31 +207,33 @@ def _run(ctx: Context, device_request: str) -> int:
     if resume_ref is not None:
         kept = checkpoints.list_complete(store, fingerprint)
         ctx.progress.update(**_history_fields(kept))
-    ctx.tracker = tracking.open_tracker(
-        spec.tracking,
-        store=store,
-        workdir=ctx.workdir,
-        run_name=spec.tracking.run_name or _job_label(ctx),
-        params=_tracked_params(ctx, fingerprint, plan, device),
-    )
+    if world.is_main:
+        ctx.tracker = tracking.open_tracker(
+            spec.tracking,
+            store=store,
+            workdir=ctx.workdir,
+            run_name=spec.tracking.run_name or _job_label(ctx),
+            params=_tracked_params(ctx, fingerprint, plan, device),
+        )
     metrics_log = curves.MetricsLog(ctx.workdir / curves.FILE_NAME, listeners=[ctx.tracker.record])
-    metrics_log.start(resume_dir, resume_ref.step if resume_ref else None)
-    if ctx.stop.is_set():
+    if world.is_main:
+        metrics_log.start(resume_dir, resume_ref.step if resume_ref else None)
+    if ranks.max_floats([float(ctx.stop.is_set())])[0]:  # all ranks stop, or none
         ctx.result["exitReason"] = "interrupted"
         return EXIT_INTERRUPTED
 
     ctx.progress.update(phase="Loading")
     loading = time.monotonic()
-    model, tokenizer = engines.load(
-        spec, device, checked.model_source, store=store, workdir=ctx.workdir, stop=ctx.stop
-    )
+    # The 4-bit weight cache is rank 0's to fill; the other ranks quantize on load meanwhile.
+    cache = {"store": store, "workdir": ctx.workdir, "stop": ctx.stop} if world.is_main else {}
+    model, tokenizer = engines.load(spec, device, checked.model_source, **cache)
     activations = _activation_plan(spec, device, model, checked.model_source)
     log.info(
         "model loaded in %.1fs",
         time.monotonic() - loading,
         extra={"fields": {"event": "loaded", "seconds": round(time.monotonic() - loading, 2)}},
     )
-    if spec.samples.prompts:
+    if spec.samples.prompts and world.is_main:
         generated = samples.record_before(spec, model, tokenizer, store)
         ctx.result["samplesBefore"] = "generated" if generated else "reused"
 
@@ -238,9 +267,10 @@ def _run(ctx: Context, device_request: str) -> int:
     from finetune_trainer.evaluation import EvaluationCallback
     from finetune_trainer.train import TrainOutcome, train
 
+    step_stop = distributed.StepStop(ctx.stop, ranks)
     evaluation = (
         EvaluationCallback(
-            spec.evaluation, stop=ctx.stop, progress=ctx.progress, on_point=lambda _: ctx.poke()
+            spec.evaluation, stop=step_stop, progress=ctx.progress, on_point=lambda _: ctx.poke()
         )
         if checked.validation is not None
         else None
@@ -251,7 +281,8 @@ def _run(ctx: Context, device_request: str) -> int:
         if stopped:
             # This checkpoint ended training early; the pod before this one died exporting.
             log.info("the checkpoint resumed from ended training early: %s", stopped)
-            checkpoints.download(store, resume_ref, adapter_dir, only=checkpoints.ADAPTER_FILES)
+            if world.is_main:
+                checkpoints.download(store, resume_ref, adapter_dir, only=checkpoints.ADAPTER_FILES)
             outcome = TrainOutcome(
                 interrupted=False,
                 steps=resume_ref.step,
@@ -271,14 +302,15 @@ def _run(ctx: Context, device_request: str) -> int:
                 device=device,
                 output_dir=ctx.workdir / "checkpoints",
                 uploader=uploader,
-                stop=ctx.stop,
+                stop=step_stop,
+                ranks=ranks,
                 progress=ctx.progress,
                 metrics=ctx.metrics,
                 json_lines=ctx.json_lines,
                 resume_dir=resume_dir,
                 eval_dataset=checked.validation.dataset if checked.validation is not None else None,
                 evaluation=evaluation,
-                observers=(curves.CurvesCallback(metrics_log, ctx.progress),),
+                observers=(curves.CurvesCallback(metrics_log, ctx.progress),) if world.is_main else (),
                 checkpoint_files=metrics_log.copy_into,
                 before_micro_batch=activations,
             )
@@ -296,12 +328,15 @@ def _run(ctx: Context, device_request: str) -> int:
             tokensPerSecond=round(outcome.tokens / outcome.train_seconds, 1)
             if outcome.train_seconds
             else None,
-            peakGpuMemoryGiB=memory.peak_gpu_memory_gib(device),
+            peakGpuMemoryGiB=_peak_gpu_gib(device, ctx.progress),
+            gpuMemoryPerRankGiB=ctx.progress.snapshot()["gpuMemoryPerRankGiB"],
         )
         if outcome.interrupted:
             return _interrupted(ctx, uploader)
         if outcome.diverged:
             raise DivergedError("spec.training.learningRate", outcome.diverged)
+        if not world.is_main:
+            return 0  # export is rank 0's
         if outcome.stop_reason:
             ctx.result["stopReason"] = outcome.stop_reason
         ctx.progress.update(phase="Exporting")
@@ -345,6 +380,7 @@ def _tracked_params(ctx: Context, fingerprint: str, plan: batching.BatchPlan, de
         "job": _job_label(ctx),
         "fingerprint": fingerprint,
         "device": device,
+        "ranks": ctx.ranks.world.size,
         "batchSize": plan.batch_size,
         "gradientAccumulationSteps": plan.gradient_accumulation_steps,
     }
@@ -526,11 +562,26 @@ def _activation_plan(spec: Any, device: str, model: Any, model_source: str) -> A
     return cuda.activation_plan(spec, model, memory.model_config(model_source))
 
 
-def _batch_plan(spec: Any, lengths: list[int], device: str, model_source: str) -> batching.BatchPlan:
+def _batch_plan(
+    spec: Any, lengths: list[int], device: str, model_source: str, ranks: distributed.Ranks
+) -> batching.BatchPlan:
+    """The step split; the same on every rank (each runs its share of a step's rows in the same
+    micro-batches), planned from the smallest free memory of their GPUs."""
     if device != "cuda":
         return batching.plan(spec, lengths, device=device)
     import torch
 
-    free, _total = torch.cuda.mem_get_info()
+    free = ranks.min_float(float(torch.cuda.mem_get_info()[0]))
     model = memory.ModelMemory.from_config(memory.model_config(model_source))
     return batching.plan(spec, lengths, device=device, memory=model, free_bytes=free)
+
+
+def _peak_gpu_gib(device: str, progress: ProgressState) -> float | None:
+    """This GPU's peak reserved memory; with several ranks the largest of theirs (as of the last
+    step's report)."""
+    if device != "cuda":
+        return None
+    per_rank = progress.snapshot()["gpuMemoryPerRankGiB"]
+    if per_rank:
+        return max(per_rank)
+    return memory.peak_gpu_memory_gib(device)

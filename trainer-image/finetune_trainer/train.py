@@ -17,14 +17,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from finetune_trainer.batching import BatchPlan
+from finetune_trainer.distributed import Ranks, StepStop, World, collect_rng_states
 from finetune_trainer.evaluation import record_accuracy
 from finetune_trainer.memory import peak_gpu_memory_gib
 from finetune_trainer.progress import Metrics, ProgressState
-from finetune_trainer.signals import StopRequest
 from finetune_trainer.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def cpu_optimizer(optimizer: str) -> str:
 
 
 class StepMeter:
-    """Per-optimizer-step sums of real tokens and loss, fed from `training_step`.
+    """Per-optimizer-step sums of this rank's real tokens and loss, fed from `training_step`.
 
     Tensors are summed on their device and read once per step, so counting adds no GPU sync per
     micro-batch. Tokens are non-padding tokens (the attention mask's sum), never batch x length.
@@ -79,7 +80,6 @@ class StepMeter:
         self._lock = threading.Lock()
         self._tokens: Any = 0
         self._loss: Any = 0.0
-        self.total_tokens = 0
 
     def add_batch(self, inputs: dict[str, Any]) -> None:
         mask = inputs.get("attention_mask")
@@ -101,7 +101,6 @@ class StepMeter:
             tokens, loss = self._tokens, self._loss
             self._tokens, self._loss = 0, 0.0
         tokens = int(tokens.item() if hasattr(tokens, "item") else tokens)
-        self.total_tokens += tokens
         return tokens, float(loss.item() if hasattr(loss, "item") else loss)
 
 
@@ -139,6 +138,9 @@ def sft_config(spec: TrainingSpec, plan: BatchPlan, device: str, output_dir: Pat
         seed=t.seed,
         data_seed=t.seed,
         max_grad_norm=t.max_grad_norm,
+        # With several ranks every LoRA weight gets a gradient at every step; looking for unused
+        # ones costs a graph traversal per step and breaks with activation checkpointing.
+        ddp_find_unused_parameters=False,
         logging_steps=t.logging_steps,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -180,7 +182,8 @@ class CheckpointCallback(_Callback):
         self,
         spec: TrainingSpec,
         *,
-        stop: StopRequest,
+        stop: StepStop,
+        ranks: Ranks,
         uploader: Any,
         meter_state: dict[str, Any],
         facts: Callable[[int], dict[str, Any]] = lambda step: {},
@@ -188,6 +191,7 @@ class CheckpointCallback(_Callback):
     ) -> None:
         self.policy = spec.checkpoint
         self.stop = stop
+        self.ranks = ranks
         self.uploader = uploader
         self.meter_state = meter_state
         self.facts = facts
@@ -201,19 +205,26 @@ class CheckpointCallback(_Callback):
         self.last_save = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        # Every rank must decide alike (saving and stopping are collective): the stop request and
+        # the time since the last save are agreed on first.
+        stop_requested, minutes = self.stop.sync((time.monotonic() - self.last_save) / 60.0)
         save, halt = checkpoint_decision(
             state.global_step,
             state.max_steps,
             every_steps=self.policy.every_steps,
             every_minutes=self.policy.every_minutes,
-            minutes_since_save=(time.monotonic() - self.last_save) / 60.0,
-            stop_requested=self.stop.is_set(),
+            minutes_since_save=minutes,
+            stop_requested=stop_requested,
         )
         control.should_save = control.should_save or save
         control.should_training_stop = control.should_training_stop or halt
 
     def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        collect_rng_states(self.ranks, folder)  # every rank has saved its part by now
+        self.last_save = time.monotonic()
+        if not self.ranks.world.is_main:
+            return  # rank 0 writes the checkpoint (adapter, optimizer, every rank's RNG, manifest)
         if not folder.is_dir():
             log.error("checkpoint folder %s was not written; not uploaded", folder)
             return
@@ -225,24 +236,36 @@ class CheckpointCallback(_Callback):
                 "globalStep": state.global_step,
                 "epoch": state.epoch,
                 "loss": self.meter_state.get("loss"),
+                # Resuming on another number of ranks would change the steps (distributed.py).
+                "worldSize": self.ranks.world.size,
                 **self.facts(state.global_step),
             },
         )
         shutil.rmtree(folder, ignore_errors=True)  # staged by the uploader; no local copy kept
-        self.last_save = time.monotonic()
         self.saved.append(state.global_step)
         log.info("checkpoint at step %d saved, uploading in the background", state.global_step)
 
 
 class ProgressCallback(_Callback):
     """Step, loss, learning rate, tokens/s and ETA: into ProgressState, and out as a tqdm bar on a
-    terminal or one JSON log line per logging step otherwise."""
+    terminal or one JSON log line per logging step otherwise. With several ranks the figures are
+    the job's: tokens summed over the ranks, the loss of the whole step, each rank's GPU memory
+    (one all-gather per step); rank 0 alone logs them."""
 
     def __init__(
-        self, progress: ProgressState, meter: StepMeter, json_lines: bool, device: str, metrics: Metrics
+        self,
+        progress: ProgressState,
+        meter: StepMeter,
+        json_lines: bool,
+        device: str,
+        metrics: Metrics,
+        *,
+        ranks: Ranks,
     ) -> None:
         self.progress = progress
         self.meter = meter
+        self.ranks = ranks
+        self.total_tokens = 0
         self.json_lines = json_lines
         self.device = device
         self.metrics = metrics
@@ -261,14 +284,22 @@ class ProgressCallback(_Callback):
         self.first_step = state.global_step
         self.started = self.window_start = time.monotonic()
         self.progress.update(phase="Training", total_steps=state.max_steps, step=state.global_step)
-        if not self.json_lines:
+        if not self.json_lines and self.ranks.world.is_main:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", file=sys.stderr)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         tokens, loss = self.meter.take()
+        memory = peak_gpu_memory_gib(self.device)
+        per_rank = self.ranks.gather_floats([tokens, loss, memory if memory is not None else -1.0])
+        tokens = int(sum(r[0] for r in per_rank))
+        # Each rank's loss is normalised by the whole step's tokens and scaled by the number of
+        # ranks (DDP averages gradients): their mean is the step's loss, as on one GPU.
+        loss = sum(r[1] for r in per_rank) / len(per_rank)
         self.step_loss = loss
+        memories = [round(r[2], 2) for r in per_rank] if memory is not None else None
+        self.total_tokens += tokens
         self.window_tokens += tokens
         self.window_loss += loss
         self.window_steps += 1
@@ -276,9 +307,10 @@ class ProgressCallback(_Callback):
         per_step = (time.monotonic() - self.started) / max(1, done)
         self.progress.update(
             step=state.global_step,
-            tokens=self.meter.total_tokens,
+            tokens=self.total_tokens,
             eta_seconds=round(per_step * max(0, state.max_steps - state.global_step), 1),
-            gpu_memory_gib=peak_gpu_memory_gib(self.device),
+            gpu_memory_gib=max(memories) if memories else None,
+            gpu_memory_per_rank_gib=memories if memories and len(memories) > 1 else None,
         )
         if self.bar is not None:
             self.bar.update(1)
@@ -315,7 +347,7 @@ class ProgressCallback(_Callback):
                         "lr": logs.get("learning_rate"),
                         "gradNorm": logs.get("grad_norm"),
                         "epoch": state.epoch,
-                        "tokens": self.meter.total_tokens,
+                        "tokens": self.total_tokens,
                         "tokensPerSecond": tokens_per_second,
                         "etaSeconds": snapshot["etaSeconds"],
                         "gpuMemoryGiB": snapshot["gpuMemoryGiB"],
@@ -400,7 +432,7 @@ def train(
     device: str,
     output_dir: Path,
     uploader: Any,
-    stop: StopRequest,
+    stop: StepStop,
     progress: ProgressState,
     metrics: Metrics,
     json_lines: bool,
@@ -410,6 +442,7 @@ def train(
     evaluation: Any = None,
     observers: tuple[Any, ...] = (),
     checkpoint_files: Callable[[Path], None] = lambda folder: None,
+    ranks: Ranks | None = None,
 ) -> TrainOutcome:
     """Run SFTTrainer to the end or until `stop` is set; the last checkpoint is submitted either way.
 
@@ -417,7 +450,8 @@ def train(
     size in tokens (padding included): the CUDA engine's activation plan (engines.cuda). With
     `eval_dataset`, `evaluation` (an evaluation.EvaluationCallback) schedules evaluations and may
     stop early; `observers` are further callbacks (curves, tracking); `checkpoint_files` adds files
-    to each checkpoint before upload."""
+    to each checkpoint before upload. `ranks`: this process's place among several data-parallel
+    ranks (each trains its share of every step's rows; `stop` must be over the same ranks)."""
     import torch
     from transformers import PrinterCallback, Trainer
     from transformers import ProgressCallback as HFProgressCallback
@@ -425,6 +459,7 @@ def train(
 
     bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
     precision = resolve_precision(spec.training.precision, device, bf16_ok)
+    ranks = ranks or Ranks(World(), device)
     args = sft_config(spec, plan, device, output_dir, precision)
     meter = StepMeter()
 
@@ -439,6 +474,19 @@ def train(
             loss = super().training_step(model, inputs, *rest, **kw)
             meter.add_loss(loss)
             return loss
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            # With several ranks transformers maps the optimizer state onto args.device, which on
+            # the CPU is `cpu:<rank>`, a location torch.load cannot restore to; on the CPU every
+            # rank's state belongs in plain host memory anyway.
+            folder = Path(checkpoint) if checkpoint else None
+            if device == "cuda" or ranks.world.size == 1 or folder is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            if (folder / "optimizer.pt").is_file() and (folder / "scheduler.pt").is_file():
+                load = partial(torch.load, map_location="cpu", weights_only=True)
+                self.optimizer.load_state_dict(load(folder / "optimizer.pt"))
+                self.lr_scheduler.load_state_dict(load(folder / "scheduler.pt"))
+            return None
 
         def compute_loss(
             self,
@@ -460,10 +508,11 @@ def train(
             record_accuracy(self._metrics["eval"], outputs.logits, inputs["labels"])
             return (loss, outputs) if return_outputs else loss
 
-    progress_cb = ProgressCallback(progress, meter, json_lines, device, metrics)
+    progress_cb = ProgressCallback(progress, meter, json_lines, device, metrics, ranks=ranks)
     checkpoint_cb = CheckpointCallback(
         spec,
         stop=stop,
+        ranks=ranks,
         uploader=uploader,
         meter_state=progress_cb.meter_state,
         facts=evaluation.checkpoint_facts if evaluation is not None else (lambda step: {}),
@@ -509,7 +558,7 @@ def train(
         steps=state.global_step,
         total_steps=state.max_steps,
         final_loss=progress_cb.meter_state.get("loss"),
-        tokens=meter.total_tokens,
+        tokens=progress_cb.total_tokens,
         train_seconds=seconds,
         stop_reason=evaluation.reason if evaluation is not None else None,
         diverged=divergence_cb.reason,

@@ -7,6 +7,7 @@ before anything imports TRL's trainer (train.py imports SFTTrainer lazily, after
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,8 @@ def load(
         cached = weight_cache.fetch(store, cache_key, workdir / "base-4bit") if cache_key else None
     started = time.monotonic()
 
+    import torch
+
     def from_pretrained(name: str, revision: str | None) -> tuple[Any, Any]:
         return FastLanguageModel.from_pretrained(
             model_name=name,
@@ -58,6 +61,9 @@ def load(
             revision=revision,
             trust_remote_code=spec.model.trust_remote_code,
             token=hub_token(),
+            # One GPU per rank (distributed.Ranks.start set it current); by default Unsloth loads
+            # onto the first GPU, so every rank would share it.
+            **({"device_map": {"": torch.cuda.current_device()}} if _data_parallel() else {}),
         )
 
     model = tokenizer = None
@@ -69,8 +75,6 @@ def load(
         if model is not None and not weight_cache.matches(cached, model):
             log.warning("4-bit weight cache: the loaded state differs from the recorded one; quantizing")
             model = tokenizer = None
-            import torch
-
             torch.cuda.empty_cache()
         if model is None:
             cached = None
@@ -198,3 +202,8 @@ def activation_plan(spec: TrainingSpec, model: Any, model_config: dict[str, Any]
     cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     memory = ModelMemory.from_config(model_config)
     return ActivationPlan(layers, memory, memory.usable(free + cached, weights_loaded=True))
+
+
+def _data_parallel() -> bool:
+    """Whether this process is one rank of several (torchrun's WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
