@@ -8,6 +8,7 @@ test S3 server.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -406,10 +407,8 @@ class ImageOperatorProcess(OperatorProcess):
             init = self.run.init_pid(self.proc.pid)
             if init is not None:
                 os.kill(init, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
 

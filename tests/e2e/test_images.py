@@ -74,10 +74,9 @@ def proc_facts(pid: int) -> dict[str, Any]:
     """What the kernel says about a container's first process: its user and its root mount."""
     status = Path(f"/proc/{pid}/status").read_text()
     uid = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
-    root = next(
-        line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines() if line.split()[4] == "/"
-    )
-    mounts = [line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+    table = [line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+    root = next(fields for fields in table if fields[4] == "/")
+    mounts = [fields[4] for fields in table]
     return {"uids": [int(u) for u in uid], "root_options": root[5].split(","), "mounts": mounts}
 
 
@@ -94,7 +93,7 @@ def container_facts(cluster: Any, namespace: str, pod: str) -> dict[str, Any]:
     return proc_facts(init)
 
 
-def test_operator_and_trainer_images_run_the_tiny_job_through_an_eviction(
+def test_operator_and_trainer_images_run_the_tiny_job_through_an_eviction(  # noqa: PLR0917 - fixtures
     images: dict[str, str],
     cluster: Any,
     s3: Any,

@@ -38,9 +38,7 @@ RUN_TERMINATION = "/run/termination-log"
 
 
 def buildah(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [str(BUILDAH), *args], check=False, capture_output=True, text=True, timeout=timeout
-    )
+    done = subprocess.run([str(BUILDAH), *args], check=False, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise RuntimeError(f"buildah {' '.join(args)}: {done.stderr.strip()}")
     return done

@@ -323,3 +323,21 @@ def test_trainer_image_matches_what_the_operator_and_the_export_expect():
     version = re.search(r"^LLAMA_CPP_PYTHON_VERSION=(\S+)$", tools, re.M)
     assert env_of(final)["LLAMA_CPP_DIR"] == f"/opt/llama.cpp-{version.group(1)}"
     assert f'"llama-cpp-python=={version.group(1)}"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_the_charts_defaults_name_the_images_this_repository_builds():
+    """values.yaml's operator image (its tag: appVersion), config.defaultImage and the operator's
+    own default trainer are what `make images` tags (the GPU trainer is the default trainer)."""
+    import yaml
+    from finetune_operator.config import OperatorConfig
+
+    done = run([REPO / "hack" / "images.sh", "tags"], timeout=60)
+    assert done.returncode == 0, done.stderr
+    tags = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    chart = REPO / "charts" / "finetune-operator"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    app_version = yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"]
+    assert values["image"]["tag"] == ""  # the appVersion, by the chart's helper
+    assert f"{values['image']['repository']}:{app_version}" == tags["operator"]
+    assert values["config"]["defaultImage"] == tags["trainer-gpu"] == OperatorConfig().default_image
+    assert tags["trainer-cpu"] == f"{tags['trainer-gpu']}-cpu"
