@@ -45,10 +45,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+HOST_PROCESS_IMAGE = "localkube.invalid/finetune-trainer:host-process"
+"""The trainer image of jobs whose pods run as host processes from the project venv: a name no
+build makes, so the test kubelet never finds it among the built images (the chart's default trainer,
+ghcr.io/finetune-dev/finetune-trainer, is in the store after `make images`)."""
+
+
 def operator_config(s3: Any, **overrides: Any) -> dict[str, Any]:
-    """Config for the local cluster: pods on the test kubelet's node, storage in the test S3."""
+    """Config for the local cluster: pods on the test kubelet's node (as host processes unless
+    `defaultImage` names a built image), storage in the test S3."""
     progress = free_port()
     cfg: dict[str, Any] = {
+        "defaultImage": HOST_PROCESS_IMAGE,
         "storage": {"uri": f"s3://{s3.bucket}/jobs", "endpoint": s3.endpoint_url, "region": s3.region},
         "defaultNodeSelector": {"finetune.dev/local": "true"},
         "defaultTolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
