@@ -39,7 +39,7 @@ def in_image(image: str, script: str, user: str | None = None) -> subprocess.Com
     name = f"contents-{uuid.uuid4().hex[:8]}"
     buildah("from", "--pull=never", "--name", name, image)
     try:
-        argv = ["run", "--isolation", "chroot", "--network", "none"]
+        argv = ["run", "--isolation", "chroot", "--network", "host"]
         if user:
             argv += ["--user", user]
         return buildah(*argv, name, "--", "sh", "-c", script, check=False, timeout=300)
