@@ -48,11 +48,14 @@ buildah() { hack/buildah.sh "$@"; }
 
 # Cache mounts (RUN --mount=type=cache) live under buildah's TMPDIR; the uv one is uv's own cache, so
 # wheels `make venv` fetched (torch and its CUDA libraries: gigabytes) are not fetched again.
+# (buildah-cache/ as root, buildah-cache-<uid>/ rootless). A cache already there stays.
 export TMPDIR="$cache/containers/tmp"
-mkdir -p "$TMPDIR/buildah-cache-0"
 uv_cache="${UV_CACHE_DIR:-$HOME/.cache/uv}"
 mkdir -p "$uv_cache"
-ln -sfn "$uv_cache" "$TMPDIR/buildah-cache-0/finetune-uv"
+for parent in "$TMPDIR/buildah-cache" "$TMPDIR/buildah-cache-$(id -u)"; do
+  mkdir -p "$parent"
+  [[ -e "$parent/finetune-uv" ]] || ln -s "$uv_cache" "$parent/finetune-uv"
+done
 
 if [[ -z "${BASE:-}" ]]; then
   BASE=localhost/debian:12-minbase
