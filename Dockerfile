@@ -63,7 +63,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt /var/log/apt \
  && dpkg --purge --force-remove-essential apt \
- && rm -rf /etc/apt /usr/bin/dpkg* /usr/sbin/dpkg* /usr/share/doc /usr/share/man
+ && rm -rf /etc/apt /usr/bin/dpkg* /usr/sbin/dpkg* /usr/share/doc /usr/share/man \
+ && echo "nonroot:x:65532:65532:nonroot:/tmp:/usr/sbin/nologin" >>/etc/passwd \
+ && echo "nonroot:x:65532:" >>/etc/group
 
 COPY --from=build /opt/venv /opt/venv
 COPY --from=code /app /opt/app
@@ -73,7 +75,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
 
-# A numeric UID so `runAsNonRoot` can be verified by the kubelet without reading /etc/passwd. The
+# A numeric UID so `runAsNonRoot` can be verified by the kubelet without reading /etc/passwd; the
+# passwd entry above is for kopf, which looks its user up (getpwuid) and stops without one. The
 # process writes nothing but /tmp (an emptyDir in the chart; the root filesystem is read-only).
 USER 65532:65532
 ENTRYPOINT ["python", "-m", "finetune_operator", "run"]

@@ -74,9 +74,12 @@ def test_images_run_as_a_numeric_non_root_user(
     image = gpu_image(tags) if variant == "trainer-gpu" else tags[variant]
     config = config_of(image)
     assert config["User"] == f"{uid}:{uid}" and config["Entrypoint"] == entrypoint
-    done = in_image(image, "id -u; id -g")
+    # A passwd entry too: kopf (getpwuid) and torch's caches look the user up and stop without one.
+    home = "python -c 'import os, pwd; print(pwd.getpwuid(os.getuid()).pw_dir)'"
+    done = in_image(image, f"id -u; id -g; {home}")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(uid), str(uid)]
+    assert done.stdout.split()[:2] == [str(uid), str(uid)]
+    assert done.stdout.split()[2] == ("/tmp" if uid == 65532 else "/home/trainer")
 
 
 def test_operator_image_has_no_compiler_or_package_manager(tags: dict[str, str]) -> None:
