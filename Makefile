@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/tests
 
-.PHONY: demo demo-trainer test lint crds venv llama-tools
+.PHONY: demo demo-trainer test lint crds venv llama-tools images check-images
 
 venv: $(VENV)/.synced
 
@@ -37,6 +37,17 @@ llama-tools: | $(UV)
 # environment (torch, ~5 min) and llama.cpp (~7 min) once; later runs reuse $(CACHE) and uv's cache.
 test: venv lint cluster-bins llama-tools
 	FINETUNE_CACHE=$(CACHE) $(PY) -m pytest
+
+# The images (hack/images.sh, docs/install.md): the operator, the CPU trainer and the GPU trainer,
+# tagged ghcr.io/finetune-dev/...:<the chart's appVersion> (REGISTRY= to change the prefix), built
+# with buildah on a Debian base made by mmdebstrap (BASE= for a registry's). Layers are cached in
+# $(CACHE)/containers. `make test` builds the operator and CPU trainer images itself (its image
+# tests); check-images also checks the GPU trainer image.
+images:
+	FINETUNE_CACHE=$(CACHE) hack/images.sh
+
+check-images: venv images
+	FINETUNE_CACHE=$(CACHE) $(PY) -m pytest tests/integration/test_image_contents.py
 
 # The main job end to end on embedded defaults (hack/demo.py, about 2 minutes): the local control
 # plane and S3, the CRD, the operator, the FineTuneJob of examples/tiny (a tiny model trained on the

@@ -26,7 +26,9 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 echo ">> fetching the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
-"${PYTHON:-python3}" -m pip download -q --no-binary :all: --no-deps -d "$work" \
+# --no-binary for this package only: with :all:, pip also builds every build dependency it needs
+# to read the sdist's metadata from source, recursively (tens of minutes in a clean image).
+"${PYTHON:-python3}" -m pip download -q --no-binary llama-cpp-python --no-deps -d "$work" \
   "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
 sdist="$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 fetched=$((SECONDS - start))

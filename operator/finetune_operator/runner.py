@@ -158,10 +158,13 @@ async def run(cfg: OperatorConfig, stop: asyncio.Event | None = None) -> int:
         watched = [health.kopf_task, stopper, *tasks]
         done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if task is not stopper and task is not health.kopf_task and task.exception():
+            if task is not stopper and task.exception():
                 exc = task.exception()
                 if isinstance(exc, LostLeadershipError):
                     log.error("lost leadership; exiting so a fresh process becomes a standby")
+                elif task is health.kopf_task:
+                    # Not silent: kopf stops at once on, for example, a user without a passwd entry.
+                    log.error("kopf stopped: %r", exc)
                 else:
                     log.error("background task failed: %r", exc)
                 code = 1

@@ -7,6 +7,8 @@ test S3 server.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import re
@@ -26,6 +28,7 @@ from typing import Any
 
 import yaml
 from localkube.cluster import wait
+from localkube.images import ImageRun, argv_of, local_image
 from localkube.rest import Rest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,10 +45,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+HOST_PROCESS_IMAGE = "localkube.invalid/finetune-trainer:host-process"
+"""The trainer image of jobs whose pods run as host processes from the project venv: a name no
+build makes, so the test kubelet never finds it among the built images (the chart's default trainer,
+ghcr.io/finetune-dev/finetune-trainer, is in the store after `make images`)."""
+
+
 def operator_config(s3: Any, **overrides: Any) -> dict[str, Any]:
-    """Config for the local cluster: pods on the test kubelet's node, storage in the test S3."""
+    """Config for the local cluster: pods on the test kubelet's node (as host processes unless
+    `defaultImage` names a built image), storage in the test S3."""
     progress = free_port()
     cfg: dict[str, Any] = {
+        "defaultImage": HOST_PROCESS_IMAGE,
         "storage": {"uri": f"s3://{s3.bucket}/jobs", "endpoint": s3.endpoint_url, "region": s3.region},
         "defaultNodeSelector": {"finetune.dev/local": "true"},
         "defaultTolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -337,3 +348,86 @@ CHECKPOINT_DONE = re.compile(r"checkpoint \S+/step-0*(\d+)/ complete")
 def checkpoints_done(lines: list[dict[str, Any]]) -> list[int]:
     """Steps of the checkpoints the trainer finished uploading (manifest written), in order."""
     return [int(m.group(1)) for line in lines if (m := CHECKPOINT_DONE.search(str(line.get("msg", ""))))]
+
+
+class ImageOperatorProcess(OperatorProcess):
+    """The operator from its image, run as the chart's Deployment runs it (localkube.images): the
+    image's entrypoint, the chart's user 65532, a read-only root file system, the config and the
+    kubeconfig read-only at /etc/finetune-operator (the chart's ConfigMap mount), /tmp an empty dir.
+
+    The one difference from the chart: the API server is reached through the ServiceAccount token's
+    kubeconfig (KUBECONFIG) instead of the in-cluster token mount, as OperatorProcess does."""
+
+    def __init__(self, image: str, kubeconfig: Path, config: dict[str, Any], workdir: Path) -> None:
+        super().__init__(kubeconfig, config, workdir)
+        self.image = image
+        self.run: ImageRun | None = None
+
+    def start(self) -> OperatorProcess:
+        etc, tmp = self.workdir / "etc", self.workdir / "tmp"
+        for folder in (etc, tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        tmp.chmod(0o777)
+        (etc / "config.yaml").write_text(yaml.safe_dump(self.config))
+        (etc / "kubeconfig").write_text(yaml.safe_dump(self_contained(self.kubeconfig)))
+        for path in etc.iterdir():
+            path.chmod(0o644)  # the ConfigMap's default mode
+        image = local_image(self.image)
+        if image is None:
+            raise RuntimeError(f"{self.image} is not in the local image store: run `make images`")
+        self.run = ImageRun(
+            name=f"e2e-operator-{os.getpid()}-{self.starts}",
+            image=self.image,
+            config=image["config"],
+            user="65532:65532",
+            read_only=True,
+            run_dir=self.workdir / f"run-{self.starts}",
+            mounts=[(etc, "/etc/finetune-operator", True), (tmp, "/tmp", False)],
+        )
+        self.run.prepare()
+        env = {
+            "FINETUNE_OPERATOR_CONFIG": "/etc/finetune-operator/config.yaml",
+            "KUBECONFIG": "/etc/finetune-operator/kubeconfig",
+            "POD_NAME": f"finetune-operator-image-{self.starts}",
+            "POD_NAMESPACE": self.config.get("leaderElection", {}).get("namespace", "default"),
+        }
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            self.run.argv(argv_of({}, image["config"]), env),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
+        self.starts += 1
+        wait("operator (from its image) ready", self.ready, timeout=120)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        if self.run is not None:
+            self.run.cleanup()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None and self.run is not None:
+            init = self.run.init_pid(self.proc.pid)
+            if init is not None:
+                os.kill(init, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=20)
+        self.kill()
+
+
+def self_contained(kubeconfig: Path) -> dict[str, Any]:
+    """The kubeconfig with every file it names (CA, client certificate and key) inlined as data, so
+    that it works where those paths do not exist (inside an image)."""
+    config = yaml.safe_load(Path(kubeconfig).read_text())
+    for section, key in (("clusters", "cluster"), ("users", "user")):
+        for entry in config.get(section) or []:
+            for field in ("certificate-authority", "client-certificate", "client-key"):
+                if field in entry[key]:
+                    data = base64.b64encode(Path(entry[key].pop(field)).read_bytes()).decode()
+                    entry[key][f"{field}-data"] = data
+    return config

@@ -7,7 +7,9 @@ NodeRestriction admission plugin check it as they check a real kubelet), what th
 - runs each container of a pod bound to it as a process group (command + args; `python` and
   `python3` are this interpreter, so pods run from the project venv), with env, envFrom, volumes,
   working dir and termination message path made local (see podspec.py for the mount mapping);
-  init containers first, one after the other;
+  init containers first, one after the other. A container whose image hack/images.sh built runs
+  from that image instead, with `buildah run` (images.py: the image's root file system, read-only
+  as the securityContext asks, the pod's user and volumes at their real paths);
 - reports phase, conditions, container states, exit codes, termination messages and the pod IP;
 - on deletion: SIGTERM to the process group, the grace period, SIGKILL, final status, then removes
   the pod (delete with grace 0), as the kubelet does;
@@ -35,6 +37,7 @@ from typing import Any
 
 from .binaries import KUBE_VERSION
 from .controlplane import GPU_TAINT
+from .images import RUN_TERMINATION, ImageRun, argv_of, local_image, user_of
 from .podspec import POD_IP, ConfigError, PodContext, expand, substitute
 from .rest import MERGE, STRATEGIC, HttpError, Rest
 
@@ -75,6 +78,8 @@ class Container:
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path = Path()
+    image_run: ImageRun | None = None
+    image_id: str = ""
 
     @property
     def name(self) -> str:
@@ -85,6 +90,10 @@ class Container:
         spec = self.spec
         self.termination_file.parent.mkdir(parents=True, exist_ok=True)
         self.termination_file.write_bytes(b"")
+        image = local_image(spec.get("image", ""))
+        if image is not None:
+            self._prepare_image(ctx, pod_dir, image)
+            return
         mounts = ctx.mounts(spec, self.termination_file)
         self.env = ctx.env(spec, mounts)
         words = [*(spec.get("command") or []), *(spec.get("args") or [])]
@@ -98,12 +107,69 @@ class Container:
                 self.cwd = pod_dir / "rootfs" / spec["workingDir"].lstrip("/")
         self.cwd.mkdir(parents=True, exist_ok=True)
 
+    def _prepare_image(self, ctx: PodContext, pod_dir: Path, image: dict[str, Any]) -> None:
+        """The `buildah run` of this container (see images.py for what differs from a runtime)."""
+        spec, config = self.spec, image["config"]
+        volumes = {v["name"]: v for v in ctx.pod["spec"].get("volumes") or []}
+        mounts: list[tuple[Path, str, bool]] = []
+        for mount in spec.get("volumeMounts") or []:
+            local = ctx.volumes[mount["name"]]
+            if "emptyDir" in volumes[mount["name"]]:
+                local.chmod(0o777)  # as the kubelet makes an emptyDir
+            if sub := mount.get("subPath"):
+                local = local / sub
+            mounts.append((local, mount["mountPath"], bool(mount.get("readOnly"))))
+        path = spec.get("terminationMessagePath") or "/dev/termination-log"
+        target = RUN_TERMINATION if path.startswith("/dev/") else path
+        mounts.append((self.termination_file, target, False))
+        renamed = {path: Path(target)} if target != path else {}
+        user = user_of(ctx.pod, spec, config)
+        uid, _, gid = user.partition(":")
+        if uid.isdigit():
+            os.chown(self.termination_file, int(uid), int(gid) if gid.isdigit() else -1)
+        meta = ctx.pod["metadata"]
+        sc = spec.get("securityContext") or {}
+        self.image_run = ImageRun(
+            name=f"localkube-{meta['uid'][:8]}-{self.name}",
+            image=spec["image"],
+            config=config,
+            user=user,
+            read_only=bool(sc.get("readOnlyRootFilesystem")),
+            run_dir=pod_dir / "run" / self.name,
+            mounts=mounts,
+            workdir=spec.get("workingDir") or config.get("WorkingDir") or "",
+        )
+        self.image_id = image["id"]
+        env = ctx.env(spec, renamed, host=False)
+        command = [substitute(expand(word, env), renamed) for word in argv_of(spec, config)]
+        self.image_run.prepare()
+        self.argv = self.image_run.argv(command, env)
+        self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "FINETUNE_CACHE", "TMPDIR")}
+        self.cwd = pod_dir
+
+    def signal(self, sig: int) -> None:
+        """SIGTERM to the container's first process (buildah itself would SIGKILL it), any other
+        signal to the whole process group."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        if self.image_run is not None and sig == signal.SIGTERM:
+            init = self.image_run.init_pid(self.popen.pid)
+            if init is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(init, sig)
+                return
+        _signal(self.popen, sig)
+
+    def cleanup(self) -> None:
+        if self.image_run is not None:
+            self.image_run.cleanup()
+
     def status(self) -> Obj:
         running = "running" in self.state
         return {
             "name": self.name,
             "image": self.spec.get("image", ""),
-            "imageID": "",
+            "imageID": self.image_id,
             "containerID": f"localkube://{self.popen.pid}" if self.popen else "",
             "ready": running,
             "started": running,
@@ -188,11 +254,8 @@ class PodRun(threading.Thread):
             first = self.deadline is None
             self.deadline = deadline if first else min(self.deadline, deadline)
         if first:
-            for proc in self._running():
-                _signal(proc, signal.SIGTERM)
-
-    def _running(self) -> list[subprocess.Popen[bytes]]:
-        return [c.popen for c in self.all if c.popen and c.popen.poll() is None]
+            for container in self.all:
+                container.signal(signal.SIGTERM)
 
     # -- the pod's life ------------------------------------------------------------------------
 
@@ -204,6 +267,8 @@ class PodRun(threading.Thread):
                 if "terminated" not in c.state:
                     c.finish(128, "StartError")
             phase, self.error = "Failed", f"test kubelet error: {err!r}"
+        for c in self.all:
+            c.cleanup()
         self._report(phase)
         with self.lock:
             self.finished = True
@@ -291,8 +356,7 @@ class PodRun(threading.Thread):
                         self._report("Running")
             if self.deadline is not None and time.monotonic() > self.deadline:
                 for c in pending:
-                    assert c.popen is not None
-                    _signal(c.popen, signal.SIGKILL)
+                    c.signal(signal.SIGKILL)
             time.sleep(0.05)
 
     # -- status ----------------------------------------------------------------------------------

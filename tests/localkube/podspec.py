@@ -219,19 +219,22 @@ class PodContext:
         mounts[container.get("terminationMessagePath") or "/dev/termination-log"] = termination_file
         return mounts
 
-    def env(self, container: Obj, mounts: Mapping[str, Path]) -> dict[str, str]:
+    def env(self, container: Obj, mounts: Mapping[str, Path], host: bool = True) -> dict[str, str]:
         """The process environment: the kubelet's own (minus AWS_* and KUBECONFIG, so that a pod
         gets credentials only from its spec; the rest carries the venv and offline caches), the
-        variables every pod gets, envFrom, then env, with $(VAR) expansion and mount mapping."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "KUBECONFIG"}
-        base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "")])
+        variables every pod gets, envFrom, then env, with $(VAR) expansion and mount mapping.
+        host=False (a container from an image, whose own ENV applies): none of the kubelet's."""
+        base: dict[str, str] = {}
+        if host:
+            base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "KUBECONFIG"}
+            base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "")])
+            base["LOCALKUBE_MOUNTS"] = json.dumps({k: str(v) for k, v in mounts.items()})
+            base |= {mount_env_name(k): str(v) for k, v in mounts.items()}
         base |= {
             "HOSTNAME": self.pod["metadata"]["name"],
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.api_port),
-            "LOCALKUBE_MOUNTS": json.dumps({k: str(v) for k, v in mounts.items()}),
         }
-        base |= {mount_env_name(k): str(v) for k, v in mounts.items()}
         pod_env: dict[str, str] = {}
         for source in container.get("envFrom") or []:
             kind = "secretRef" if "secretRef" in source else "configMapRef"
