@@ -93,11 +93,6 @@ def container_facts(cluster: Any, namespace: str, pod: str) -> dict[str, Any]:
     return proc_facts(init)
 
 
-@pytest.mark.xfail(
-    reason="not yet run green: its first run (2026-12-02) found kopf stopping at once in the operator "
-    "image (uid 65532 had no passwd entry; fixed in the Dockerfile, not yet rebuilt and rerun)",
-    strict=False,
-)
 def test_operator_and_trainer_images_run_the_tiny_job_through_an_eviction(  # noqa: PLR0917 - fixtures
     images: dict[str, str],
     cluster: Any,
