@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from chart_install import installed_chart
-from e2e.harness import OperatorProcess, Recorder, install_crd, operator_config
+from e2e.harness import HOST_PROCESS_IMAGE, OperatorProcess, Recorder, install_crd, operator_config
 from trainer_fixtures import alpaca_rows, write_jsonl
 
 
@@ -25,10 +25,17 @@ def operator(cluster: Any, s3: Any, tmp_path_factory: pytest.TempPathFactory) ->
     install_crd(cluster)
     release_ns = cluster.new_namespace("finetune-system")
     workdir = tmp_path_factory.mktemp("operator")
-    # Cluster-wide by explicit choice (rbac.clusterWide): every e2e test makes its own namespace.
-    with installed_chart(
-        cluster, workdir, "--set", "replicas=2", "--set", "rbac.clusterWide=true", namespace=release_ns
-    ) as chart:
+    # Cluster-wide by explicit choice (rbac.clusterWide): every e2e test makes its own namespace. The
+    # chart's admission policy knows the trainer image the operator's config names.
+    values = (
+        "--set",
+        "replicas=2",
+        "--set",
+        "rbac.clusterWide=true",
+        "--set",
+        f"config.defaultImage={HOST_PROCESS_IMAGE}",
+    )
+    with installed_chart(cluster, workdir, *values, namespace=release_ns) as chart:
         election = {"enabled": True, "namespace": release_ns, "leaseName": chart["fullname"],
                     "leaseDurationSeconds": 6, "renewSeconds": 2}  # fmt: skip
         proc = OperatorProcess(chart["sa"], operator_config(s3, leaderElection=election), workdir)
