@@ -343,6 +343,14 @@ class Controller:
         if job is None:
             try:
                 job = await self._create_or_adopt(key, ftj, build_job(ftj, self.cfg))
+            except InvalidJobError as e:
+                # What only the built Job shows (its manifest annotation over the API server's size
+                # limit): refused like a spec the operator refuses, never retried.
+                field, message, reason = e.field, e.message, e.reason
+                await self._write_status(
+                    key, ftj, lambda obj: invalid_status(obj, field, message, _now(), reason=reason)
+                )
+                return
             except ApiError as e:
                 refusal = job_refusal(e.status, e.body)
                 if not refusal.permanent:

@@ -179,6 +179,8 @@ def start(workdir: Path, bin_dir: Path, s3: Any) -> FaultEnv:
             allowedModelSources=["unsloth/", "/", "s3://"],
             policy={
                 "credentialsSecrets": ["partial-s3"],
+                # allowed, and missing from the cluster: status names it (test_status_faults)
+                "serviceAccounts": ["no-such-sa"],
                 "modelPrefixes": [f"s3://{s3.bucket}/{BASE_MODELS}/"],
                 "dataPrefixes": [f"s3://{s3.bucket}/{DATASETS}/"],
             },

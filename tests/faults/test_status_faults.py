@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-import yaml
 from faults.env import KWOK_JOB, POD_CREATE_GRACE_SECONDS, RESYNC_SECONDS, FaultEnv, ftj, wait
 
 ONE_RESYNC = RESYNC_SECONDS + 10  # a resync period, and the reconcile it starts
@@ -43,8 +42,10 @@ def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply(env: FaultEnv, ns: str, obj: dict[str, Any], *extra: str) -> Any:
+    # JSON, so that a string such as "1e9" stays a string: PyYAML writes it bare, and kubectl's YAML
+    # 1.2 reader takes a bare 1e9 for a number.
     return env.cluster.kubectl(
-        "apply", "--validate=strict", *extra, "-n", ns, "-f", "-", input=yaml.safe_dump(obj), check=False
+        "apply", "--validate=strict", *extra, "-n", ns, "-f", "-", input=json.dumps(obj), check=False
     )
 
 
@@ -105,8 +106,8 @@ APPLY: dict[str, tuple[dict[str, Any], str, str]] = {
         "spec.priorityClassName",
         "should match",
     ),
-    "seed 2**40": ({"training": {"seed": 2**40}}, "spec.training.seed", "4.294967295e+09"),
-    "lora randomState 2**40": ({"lora": {"randomState": 2**40}}, "spec.lora.randomState", "4.294967295e+09"),
+    "seed 2**40": ({"training": {"seed": 2**40}}, "spec.training.seed", "4294967295"),
+    "lora randomState 2**40": ({"lora": {"randomState": 2**40}}, "spec.lora.randomState", "4294967295"),
     "model hub id ..": ({"model": {"hub": ".."}}, "spec.model.hub", "`.` and `..` are not names"),
     "data hub id ../etc": (
         {"data": {"hub": "../etc", "split": "train"}},
@@ -218,11 +219,6 @@ OPERATOR: dict[str, tuple[dict[str, Any], str, str]] = {
         "answer is not a placeholder",
     ),
     "manifest over the annotation limit": (BIG_PROMPTS, "spec:", "Kubernetes allows"),
-    "image with whitespace (the Job's own validation, 422)": (
-        {"image": " trainer:1 "},
-        "spec.image",
-        "whitespace",
-    ),
 }
 
 
@@ -278,12 +274,6 @@ PODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, str, str]] = {
         "spec.serviceAccountName",
     ),
     "quota of pods exhausted": ({}, _quota("no-pods", {"pods": "0"}), "QuotaExceeded", "spec.resources"),
-    "quota of GPUs too small": (
-        {"resources": {"gpus": 2}},
-        _quota("one-gpu", {"requests.nvidia.com/gpu": "1"}),
-        "QuotaExceeded",
-        "spec.resources",
-    ),
 }
 
 
@@ -495,7 +485,8 @@ def test_status_moves_on_after_poison_with_the_next_report_and_with_suspend(
         if "progress report refused" in line and trainer.ns in line
     ]
     assert len([line for line in refusals if '"field": "loss"' in line]) == 1, refusals
-    assert len(refusals) == len(REPORTS), refusals
+    # Logged once per job and field: cases that break the same field share one line.
+    assert len(refusals) == len({field for _, field, _ in REPORTS.values()}), refusals
     # A future updatedAt already in status (written before reports were checked) holds nothing back.
     faults.patch_status(trainer.ns, "rep", {"progress": {"updatedAt": "9999-12-31T00:00:00Z"}})
     trainer.post(trainer.good(9))

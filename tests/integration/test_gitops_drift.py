@@ -88,13 +88,16 @@ def test_status_written_by_the_operator_is_no_drift(kube, mode):
 
 
 def test_a_spec_change_is_drift(kube):
-    """The check can fail: a controller overwriting a field Git sets (here: the CPU request) is drift.
-    (A field Git does not set, like spec.suspend here, is not: Argo CD leaves it to others too.)"""
+    """The check can fail: someone overwriting a field Git sets (here: activeDeadlineSeconds, one of
+    the two fields a created job may change) is drift. (A field Git does not set, like spec.suspend
+    here, is not: Argo CD leaves it to others too.)"""
     name = "drift-control"
-    manifest = git_manifest(name, kube.namespace)
+    doc = yaml.safe_load(git_manifest(name, kube.namespace))
+    doc["spec"]["activeDeadlineSeconds"] = 3600
+    manifest = yaml.safe_dump(doc)
     kube.kubectl(*APPLY_MODES["server-side"], "-f", "-", input=manifest)
-    patch = {"spec": {"resources": {"cpu": "4"}}}
+    patch = {"spec": {"activeDeadlineSeconds": 7200}}
     kube.kubectl("patch", "ftj", name, "-n", kube.namespace, "--type=merge", "-p", json.dumps(patch))
     diff = kube.kubectl(*DIFF_MODES["server-side"], "-f", "-", input=manifest, check=False)
     assert diff.returncode == 1, diff.stdout + diff.stderr
-    assert "cpu" in diff.stdout
+    assert "activeDeadlineSeconds" in diff.stdout
