@@ -109,10 +109,14 @@ def refusal(spec: FineTuneJobSpec, namespace: str, cfg: OperatorConfig) -> Refus
     accounts = [a for a in (cfg.trainer_service_account, *allowed.service_accounts) if a]
     name = spec.service_account_name
     if name is not None and name != cfg.trainer_service_account and name not in allowed.service_accounts:
-        default = "the namespace's default (leave the field unset)"
+        # Without a platform trainer ServiceAccount the pod runs as the namespace's default: say so
+        # beside any listed ones.
+        choices = [_listing(accounts)] if accounts else []
+        if cfg.trainer_service_account is None:
+            choices.append("the namespace's default (leave the field unset)")
         return Refusal(
             "spec.serviceAccountName",
-            f"{name!r} is not an allowed ServiceAccount; allowed: {_listing(accounts) or default}",
+            f"{name!r} is not an allowed ServiceAccount; allowed: {', or '.join(choices)}",
         )
 
     storage = spec.storage
