@@ -88,6 +88,27 @@ class OperatorProcess:
         return self.workdir / "operator.log"
 
     def start(self) -> OperatorProcess:
+        for attempt in range(3):
+            self._launch()
+            try:
+                wait("operator ready", self.ready, timeout=60)
+            except RuntimeError:
+                # free_port() picks a port in the ephemeral range and lets it go: an outgoing
+                # connection may take it before the operator binds it. Only that is retried.
+                if attempt == 2 or b"address already in use" not in self.log_path.read_bytes()[-2000:]:
+                    raise
+                self._fresh_ports()
+                continue
+            self.starts += 1
+            return self
+        raise AssertionError("unreachable")
+
+    def _fresh_ports(self) -> None:
+        progress = free_port()
+        self.config["ports"] = {"metrics": free_port(), "progress": progress, "health": free_port()}
+        self.config["reportUrl"] = f"http://127.0.0.1:{progress}"
+
+    def _launch(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "config.yaml"
         path.write_text(yaml.safe_dump(self.config))
@@ -102,9 +123,6 @@ class OperatorProcess:
             [sys.executable, "-m", "finetune_operator", "run"], env=env, stdout=log, stderr=log, cwd=REPO
         )
         log.close()
-        self.starts += 1
-        wait("operator ready", self.ready, timeout=60)
-        return self
 
     def url(self, port: str, path: str) -> str:
         return f"http://127.0.0.1:{self.config['ports'][port]}{path}"

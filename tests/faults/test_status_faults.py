@@ -353,7 +353,9 @@ def test_a_job_create_refused_by_quota_waits_with_backoff_and_a_bounded_log(faul
         f"\nquota-refused job: {len(lines)} log lines and {retries:.0f} retries in {window:.0f}s; "
         f"at most {per_hour:.0f} lines an hour"
     )
-    assert retries <= 8, retries
+    # Without backoff it would retry about once a second (90); with it 7 in 90 s, a few more when
+    # watch events land while two CPUs are busy.
+    assert retries <= 12, retries
     assert len(lines) <= 3, lines
 
 
