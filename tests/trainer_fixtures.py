@@ -157,10 +157,14 @@ def job_manifest(
     name: str = "tiny",
     **sections: dict[str, Any],
 ) -> dict[str, Any]:
-    """A FineTuneJob for the tiny model on the CPU; `sections` override whole spec sections."""
+    """A FineTuneJob for the tiny model on the CPU; `sections` override whole spec sections.
+
+    Truncation is allowed (maxTruncatedFraction 1): the runs that test checkpoints, resume and
+    step splits cut their rows at 64 tokens to keep CPU steps short. tests/integration/
+    test_data_errors.py tests the threshold."""
     spec: dict[str, Any] = {
         "model": {"path": str(model_path), "maxSeqLength": 128},
-        "data": {"path": str(data_path)},
+        "data": {"path": str(data_path), "maxTruncatedFraction": 1},
         "template": {"type": "alpaca"},
         "lora": {"r": 8, "alpha": 16},
         "training": {

@@ -70,7 +70,12 @@ APPLY: dict[str, tuple[dict[str, Any], str, str]] = {
     "storage URI of another scheme": (
         {"storage": {"uri": "ftp://host/x"}},
         "spec.storage.uri",
-        "should match",
+        "use s3://bucket/prefix",
+    ),
+    "storage URI as a relative path": (
+        {"storage": {"uri": "./out"}},
+        "spec.storage.uri",
+        "an absolute path (/data/out or file:///data/out)",
     ),
 }
 
@@ -295,15 +300,17 @@ TRAINER: dict[str, TrainerCase] = {
         lambda t, m, r, s3: _job(m, _rows_file(t, "empty.jsonl", "")), "spec.data.path", "is empty"
     ),
     "data set without rows": TrainerCase(
-        lambda t, m, r, s3: _job(m, _rows_file(t, "none.json", "[]")), "spec.data.path", "no data"
+        lambda t, m, r, s3: _job(m, _rows_file(t, "none.json", "[]")), "spec.data.path", "has no rows"
     ),
     "split slice without rows": TrainerCase(
-        lambda t, m, r, s3: _job(m, r, data={"path": str(r), "split": "train[5:5]"}), "spec.data", "no data"
+        lambda t, m, r, s3: _job(m, r, data={"path": str(r), "split": "train[5:5]"}),
+        "spec.data",
+        "has no rows",
     ),
     "malformed JSON lines": TrainerCase(
         lambda t, m, r, s3: _job(m, _rows_file(t, "bad.jsonl", '{"instruction": "a", "output": \n')),
         "spec.data.path",
-        "cannot read the data set",
+        "is not valid JSON: line 1, column 32",
     ),
     "unknown data file extension": TrainerCase(
         lambda t, m, r, s3: _job(m, _rows_file(t, "rows.txt", "x\n")),

@@ -224,6 +224,7 @@ def test_fingerprint_changes_with_what_training_computes(change: dict) -> None:
         {"lora": {"gradientCheckpointing": "true"}},
         {"model": {"tokenSecretRef": {"name": "hf", "key": "token"}}},
         {"data": {"tokenSecretRef": {"name": "hf", "key": "token"}}},
+        {"data": {"maxTruncatedFraction": 0.5, "incompleteRows": "skip"}},
         {"checkpoint": {"everySteps": 5, "keepLast": 7, "gracePeriodSeconds": 30}},
         {"export": {"gguf": ["f16"], "merged16Bit": True}},
         {"samples": {"prompts": ["hi"]}},

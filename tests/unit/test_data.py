@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
-from finetune_trainer import data, preflight
+from finetune_trainer import data, datafiles, preflight
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.jobfile import parse_job
 from finetune_trainer.spec import DataSource, StorageSpec
@@ -79,7 +80,7 @@ def test_every_file_format_loads_the_same_rows_with_a_split_slice(tmp_path: Path
     [
         (
             '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n',
-            "cannot read the data set",
+            "is not valid JSON: line 2, column 32: Expecting value",
         ),
         ("", "no rows"),
     ],
@@ -98,10 +99,12 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
         data.load_rows(DataSource(path=str(tmp_path / "nope.jsonl")), STORAGE, tmp_path)
 
 
-def job_for(model: Path, rows: Path, max_seq_length: int = 256, **template: object) -> object:
+def job_for(
+    model: Path, rows: Path, max_seq_length: int = 256, max_truncated: float = 0.1, **template: object
+) -> object:
     spec = {
         "model": {"path": str(model), "maxSeqLength": max_seq_length},
-        "data": {"path": str(rows)},
+        "data": {"path": str(rows), "maxTruncatedFraction": max_truncated},
         "template": template or {"type": "custom", "format": "{text}"},
     }
     return parse_job(spec).spec
@@ -116,7 +119,8 @@ def test_preflight_figures_on_known_lengths(tiny_model_dir: Path, tmp_path: Path
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": t} for t in texts])
     lengths = [len(tokenizer(t + tokenizer.eos_token)["input_ids"]) for t in texts]
     limit = sorted(lengths)[15]  # 4 rows longer than this
-    checked = preflight.check(job_for(tiny_model_dir, rows, max_seq_length=max(64, limit)), tmp_path)
+    spec = job_for(tiny_model_dir, rows, max_seq_length=max(64, limit), max_truncated=0.25)
+    checked = preflight.check(spec, tmp_path)
     figures = checked.data.stats
     assert lengths == sorted(lengths) and lengths[0] >= 3
     assert (figures.rows, figures.max) == (20, lengths[-1])
@@ -186,3 +190,126 @@ def test_a_hub_data_set_is_read_with_the_data_sets_token(
     rows = data.load_rows(DataSource(hub="org/gated-set"), STORAGE, tmp_path)
     assert len(rows) == 3
     assert calls[0]["args"][0] == "org/gated-set" and calls[0]["token"] == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"a": "x"}\n{"a": "y"}\n', datafiles.TextScan(None, None, 2)),
+        (b'{"a": "x"}\n\n  \n{"a": "\xe9"}\n', datafiles.TextScan(4, 22, 1)),  # latin-1 e-acute
+        (b"\xef\xbb\xbfa,b\n1,2\n", datafiles.TextScan(None, None, 2)),  # a UTF-8 BOM is UTF-8
+        (b"ok\n\xe2\x82\n", datafiles.TextScan(2, 3, 1)),  # a cut multi-byte character
+        (b"\n \t\n", datafiles.TextScan(None, None, 0)),
+        (b"", datafiles.TextScan(None, None, 0)),
+    ],
+)
+def test_scan_text_finds_the_first_line_that_is_not_utf8(
+    content: bytes, expected: datafiles.TextScan
+) -> None:
+    assert datafiles.scan_text(content.splitlines(keepends=True)) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"a": 1}\n\n{"a": 2}\n', None),
+        ('{"a": 1}\n{"a": 2,}\n', "line 2, column 9: Expecting property name enclosed in double quotes"),
+        ('\n\n{"a": \n', "line 3, column 7: Expecting value"),
+        ('{"a": 1}\n"just a string"\n', "line 2: expected one JSON object per line, got str"),
+        ('[{"a": 1},\n {"a": 2}]', None),
+        ('[{"a": 1},\n {"a" 2}]', "line 2, column 7: Expecting ':' delimiter"),
+        ("[1, 2]", "element 1 of the JSON array is not an object"),
+    ],
+)
+def test_json_problem_names_a_one_based_line(text: str, expected: str | None) -> None:
+    assert datafiles.json_problem(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a,b\n1,2\n\n3,4\n", None),
+        ("a,b\n1,2\n\n3,4,5\n", "row 2 (line 4) has 3 cells but the header has 2 (a, b)"),
+        ('a,b\n"x\ny",2\n3\n', "row 2 (line 4) has 1 cells but the header has 2 (a, b)"),
+        ("", None),
+    ],
+)
+def test_csv_problem_names_a_one_based_row_and_line(text: str, expected: str | None) -> None:
+    assert datafiles.csv_problem(text.splitlines(keepends=True)) == expected
+
+
+def test_missing_cells_are_null_or_nan_and_named_one_based() -> None:
+    missing = data.missing_cells({"a": ["x", None, "", float("nan"), 0], "b": ["y"] * 5})
+    assert missing == {"a": [1, 3]}  # an empty string and 0 are values
+    many = data.missing_cells({"output": [None] * 7})
+    assert data.describe_missing({**missing, **many}) == (
+        "column 'a' is missing or null in 2 rows: 2, 4; "
+        "column 'output' is missing or null in 7 rows: 1, 2, 3, 4, 5, ..."
+    )
+
+
+@pytest.mark.parametrize(
+    ("truncated", "max_fraction", "outcome"),
+    [
+        (0, 0.1, None),
+        (1, 0.1, None),  # 1%: no warning
+        (2, 0.1, "warn"),
+        (10, 0.1, "warn"),  # at the limit: allowed
+        (11, 0.1, "fail"),
+        (39, 0.1, "fail"),
+        (39, 0.5, "warn"),
+        (1, 0.0, "fail"),
+        (99, 1.0, "warn"),
+    ],
+)
+def test_truncation_verdict(truncated: int, max_fraction: float, outcome: str | None) -> None:
+    figures = data.DataStats(100, 10, 20, 30, truncated, 64, "x")
+    if outcome == "fail":
+        with pytest.raises(ConfigError) as e:
+            data.truncation_verdict(figures, max_fraction)
+        assert e.value.field == "spec.data.maxTruncatedFraction"
+        assert f"{truncated} of 100 rows ({truncated}.0%)" in e.value.message
+        assert (
+            "maxSeqLength 64" in e.value.message and f"at most {max_fraction * 100:g}% may" in e.value.message
+        )
+        return
+    verdict = data.truncation_verdict(figures, max_fraction)
+    assert (verdict is not None) == (outcome == "warn")
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        (["q_proj", "v_proj"], None),
+        (["self_attn.q_proj", "lm_head"], None),
+        (["q_proj", "q_prj"], "q_prj matches no module of the model; the names it can adapt are: "),
+        (["query", "value"], "query, value match no module of the model"),
+        (["proj"], "proj matches no module"),  # a suffix must end at a dot, as PEFT matches
+    ],
+)
+def test_target_modules_problem(targets: list[str], expected: str | None) -> None:
+    from finetune_trainer import engines
+
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")] + [
+        "lm_head"
+    ]
+    problem = engines.target_modules_problem(targets, modules)
+    if expected is None:
+        assert problem is None
+        return
+    assert problem is not None and problem.startswith(expected)
+    assert problem.endswith("lm_head, q_proj, v_proj")
+
+
+def test_a_model_that_cannot_be_built_is_left_to_the_engine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """targetModules are checked on a skeleton built from config.json; a config transformers
+    cannot build (here an unknown architecture) is logged, and the engine's load reports it."""
+    from finetune_trainer import engines
+
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    spec = parse_job({"model": {"path": str(tmp_path)}, "data": {"hub": "d/x"}}).spec
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.engines"):
+        engines.check_target_modules(spec, str(tmp_path))
+    assert "cannot check spec.lora.targetModules before loading the model" in caplog.text

@@ -124,3 +124,29 @@ def test_examples_load(path: Path) -> None:
     job = jobfile.load_job(path)
     assert job.name
     assert yaml.safe_load(path.read_text())["kind"] == "FineTuneJob"
+
+
+SPEC_HINTS = [
+    # (spec fragment, field named, text the message must carry)
+    ({"lora": {"target_modules": ["q_proj"]}}, "spec.lora.target_modules", "did you mean targetModules?"),
+    ({"model": {"hub": "m/x", "max_seq_length": 128}}, "spec.model.max_seq_length", "maxSeqLength?"),
+    ({"trainig": {}}, "spec.trainig", "did you mean training?"),
+    ({"lora": {"rank": 8}}, "spec.lora.rank", "valid fields are r, alpha"),
+    ({"training": {"learningRat": 1e-4}}, "spec.training.learningRat", "did you mean learningRate?"),
+    ({"data": {"valdation": {"fraction": 0.1}}}, "spec.data.valdation", "did you mean validation?"),
+    ({"zzzz": 1}, "spec.zzzz", "valid fields are model, data"),
+    # The same words as the CRD's rule at kubectl apply (a relative path, a one-letter bucket).
+    ({"storage": {"uri": "./out"}}, "spec.storage.uri", "an absolute path (/data/out or file:///data/out)"),
+    ({"storage": {"uri": "s3://b/x"}}, "spec.storage.uri", "a bucket of 3 to 63 lowercase letters"),
+]
+
+
+@pytest.mark.parametrize(("fragment", "field", "hint"), SPEC_HINTS)
+def test_unknown_and_snake_case_keys_are_refused_with_the_closest_name(fragment, field, hint):
+    spec = {"model": {"hub": "m/x"}, "data": {"path": "/d.jsonl"}}
+    for key, value in fragment.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and key in spec else value
+    with pytest.raises(ConfigError) as e:
+        jobfile.parse_job(spec)
+    assert e.value.field == field
+    assert hint in e.value.message

@@ -66,6 +66,9 @@ VALID: dict[str, dict[str, Any]] = {
         "export": {"fromCheckpoint": "best"},
     },
     "validation file of its own": {"data": {"validation": {"path": "/data/val.jsonl", "split": "train"}}},
+    "incomplete rows skipped, truncation allowed": {
+        "data": {"incompleteRows": "skip", "maxTruncatedFraction": 1}
+    },
     "mlflow tracking": {
         "tracking": {
             "type": "mlflow",
@@ -147,6 +150,16 @@ INVALID: dict[str, tuple[dict[str, Any], str, str]] = {
         {"export": {"fromCheckpoint": "best"}},
         "",
         "needs data.validation",
+    ),
+    "truncation share above 1": (
+        {"data": {"maxTruncatedFraction": 1.5}},
+        "data.maxTruncatedFraction",
+        "less than or equal to 1",
+    ),
+    "incomplete rows rule unknown": (
+        {"data": {"incompleteRows": "drop"}},
+        "data.incompleteRows",
+        "'fail' or 'skip'",
     ),
     "mlflow without a uri": ({"tracking": {"type": "mlflow"}}, "tracking", "needs the tracking server's uri"),
     "credentials in the tracking uri": (

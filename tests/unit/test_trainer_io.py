@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 from finetune_trainer import summary
+from finetune_trainer.engines import cpu
+from finetune_trainer.jobfile import parse_job
 from finetune_trainer.progress import Metrics, ProgressState, start_server
 from finetune_trainer.report import Reporter
 from finetune_trainer.signals import StopRequest, grace_margin
-from finetune_trainer.train import checkpoint_decision, cpu_optimizer, resolve_precision
+from finetune_trainer.train import checkpoint_decision, resolve_precision
 
 
 @pytest.mark.parametrize(
@@ -49,7 +51,27 @@ def test_precision_and_cpu_optimizer() -> None:
     assert resolve_precision("auto", "cuda", True) == "bf16"
     assert resolve_precision("auto", "cuda", False) == "fp16"
     assert resolve_precision("fp16", "cuda", True) == "fp16"
-    assert cpu_optimizer("adamw_8bit") == "adamw_torch" and cpu_optimizer("sgd") == "sgd"
+    assert cpu.optimizer("adamw_8bit") == "adamw_torch" and cpu.optimizer("sgd") == "sgd"
+
+
+@pytest.mark.parametrize(
+    ("training", "lora", "expected"),
+    [
+        ({"optimizer": "adamw_8bit"}, {}, ["training.optimizer: adamw_8bit -> adamw_torch"]),
+        ({"optimizer": "paged_adamw_8bit"}, {}, ["training.optimizer: paged_adamw_8bit -> adamw_torch"]),
+        ({"optimizer": "sgd"}, {"gradientCheckpointing": "auto"}, []),
+        (
+            {"optimizer": "adamw_torch"},
+            {"gradientCheckpointing": "unsloth"},
+            ["lora.gradientCheckpointing: unsloth -> true"],
+        ),
+    ],
+)
+def test_cpu_substitutions_say_what_runs_instead(training: dict, lora: dict, expected: list[str]) -> None:
+    spec = parse_job(
+        {"model": {"hub": "m/x"}, "data": {"hub": "d/x"}, "training": training, "lora": lora}
+    ).spec
+    assert cpu.substitutions(spec) == expected
 
 
 def test_grace_budget_keeps_a_margin() -> None:

@@ -7,13 +7,14 @@ the lists below equal to what `finetune_operator.api` adds.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, TrainingSpec
@@ -26,6 +27,7 @@ KUBERNETES_ONLY_FIELDS = frozenset(
         "tolerations",
         "priorityClassName",
         "queueName",
+        "workloadPriorityClassName",
         "suspend",
         "activeDeadlineSeconds",
         "backoffLimit",
@@ -86,7 +88,9 @@ def parse_job(doc: Any) -> Job:
     else:
         spec = doc
     try:
-        training = TrainingSpec.model_validate(training_part(spec))
+        # by_name=False: camelCase only, as the API server's schema reads the file; snake_case
+        # keys are refused here too, so a workstation run and a cluster run of one file agree.
+        training = TrainingSpec.model_validate(training_part(spec), by_alias=True, by_name=False)
     except ValidationError as e:
         raise config_error(e, prefix="spec") from None
     return Job(spec=training, name=name, namespace=namespace)
@@ -127,9 +131,42 @@ def _problem(error: Any, prefix: str) -> tuple[str, str]:
     names the field more precisely than pydantic's location, so it is used when it extends it."""
     loc = tuple(error["loc"])
     if error["type"] == "extra_forbidden":
-        return field_path(loc, prefix), "unknown field"
+        return field_path(loc, prefix), "unknown field" + _closest_hint(loc)
     message = str(error["msg"]).removeprefix("Value error, ")
     named = _NAMED.match(message)
     if loc and named and named.group(1).split(".")[0] == loc[-1]:
         return field_path(loc[:-1], prefix) + "." + named.group(1), named.group(2)
     return field_path(loc, prefix), message
+
+
+def _closest_hint(loc: tuple[int | str, ...]) -> str:
+    """`; did you mean X?` for an unknown key at `loc`, X the closest field name of the model
+    that holds it (difflib; a snake_case key maps to its camelCase name); '' when none is close."""
+    model: Any = TrainingSpec
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = next((f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return ""
+        model = _model_of(field.annotation)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    key = str(loc[-1])
+    camel = {n: f.alias for n, f in model.model_fields.items() if f.alias}
+    if key in camel:
+        return f"; did you mean {camel[key]}? (keys are camelCase, as in the CRD)"
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else f"; valid fields are {', '.join(names)}"
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as `X | None` or `list[X]`, or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

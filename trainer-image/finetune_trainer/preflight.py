@@ -6,12 +6,15 @@ first and exits with EXIT_CONFIG_ERROR, naming the field, when the data does not
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from finetune_trainer import data, engines, templates, validation
 from finetune_trainer.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
 
 EXAMPLE_CHARS = 2000
 
@@ -33,15 +36,40 @@ def check(spec: TrainingSpec, workdir: Path, tokenizer_only: bool = False) -> Pr
     mistake is reported in seconds."""
     rows = data.load_rows(spec.data, spec.storage, workdir)
     templates.check_columns(spec.template, rows.column_names)
+    rows, skipped = data.complete_rows(
+        rows,
+        spec.template,
+        spec.data.incomplete_rows,
+        data.source_field(spec.data),
+        data.source_label(spec.data),
+    )
+    if skipped:
+        log.warning(
+            "%d rows with a missing or null cell left out (spec.data.incompleteRows: skip)",
+            skipped,
+            extra={"fields": {"event": "incomplete-rows", "skipped": skipped}},
+        )
     held = validation.split(spec, rows, workdir)
     source = engines.resolve_model_source(spec.model, spec.storage, workdir, tokenizer_only=tokenizer_only)
     tokenizer = engines.load_tokenizer(spec, source)
+    engines.check_target_modules(spec, source)
     prepared = data.prepare(
         held.train if held else rows,
         spec.template,
         tokenizer=tokenizer,
         max_seq_length=spec.model.max_seq_length,
     )
+    prepared = replace(prepared, stats=replace(prepared.stats, incomplete_skipped=skipped))
+    warning = data.truncation_verdict(prepared.stats, spec.data.max_truncated_fraction)
+    if warning:
+        log.warning(
+            "%s; spec.data.maxTruncatedFraction allows %g%%",
+            warning,
+            spec.data.max_truncated_fraction * 100,
+            extra={
+                "fields": {"event": "truncation", "truncatedShare": round(prepared.stats.truncated_share, 4)}
+            },
+        )
     if held is None:
         return Preflight(source, tokenizer, prepared)
     evaluated, stats = validation.prepare(spec, held, prepared, tokenizer)
@@ -59,6 +87,8 @@ def report(stats: data.DataStats, validation_stats: validation.ValidationStats |
         f"truncated:       {stats.truncated} rows ({stats.truncated_share:.1%}) longer than "
         f"maxSeqLength {stats.max_seq_length}",
     ]
+    if stats.incomplete_skipped:
+        lines.append(f"left out:        {stats.incomplete_skipped} rows with a missing or null cell")
     if validation_stats is not None:
         v, t = validation_stats, validation_stats.tokens
         lines += [

@@ -32,6 +32,7 @@ from finetune_trainer import (
     summary,
     tracking,
 )
+from finetune_trainer.engines import cpu as cpu_engine
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ConfigError, DivergedError
 from finetune_trainer.jobfile import Job
 from finetune_trainer.progress import Metrics, ProgressState, port_from_env, start_server
@@ -135,6 +136,16 @@ def _run(ctx: Context, device_request: str) -> int:
     spec = ctx.job.spec
     device = engines.detect_device(device_request)
     ranks = ctx.ranks = distributed.Ranks(ctx.ranks.world, device).start()
+    if device == "cpu" and ranks.world.is_main:  # logged once, not by every rank
+        substituted = cpu_engine.substitutions(spec)
+        if substituted:
+            # One string: the operator keeps the summary's scalar values in status.summary.
+            ctx.result["cpuSubstitutions"] = "; ".join(substituted)
+            log.warning(
+                "the CPU engine runs %s",
+                ctx.result["cpuSubstitutions"],
+                extra={"fields": {"event": "cpu-substitutions", "substitutions": substituted}},
+            )
     world = ranks.world
     ctx.progress.update(phase="Preflight", ranks=world.size)
     ctx.result["ranks"] = world.size

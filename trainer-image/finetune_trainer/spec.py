@@ -12,6 +12,7 @@ trainer on a workstation refuses exactly what the API server refuses.
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Annotated, Any, Literal
 
@@ -217,6 +218,15 @@ class DataSource(Spec):
     """File format for s3/path sources; `auto` picks it from the file extension."""
     token_secret_ref: SecretKeyRef | None = None
     """Secret key holding a hub token, for gated or private data sets."""
+    incomplete_rows: Literal["fail", "skip"] = "fail"
+    """Rows whose cell is missing or null in a column the template reads (the alpaca template's
+    optional `input` aside), here and in the validation rows. `fail`: preflight refuses the data,
+    naming the column, the first rows (1-based) and how many there are. `skip`: train without them
+    (preflight reports how many)."""
+    max_truncated_fraction: float = Field(default=0.1, ge=0, le=1)
+    """Largest share of the training rows that may be longer than spec.model.maxSeqLength: such a
+    row loses its end (for most templates the answer and the end-of-sequence token). Preflight
+    and run fail above it and warn above 1%; 1 turns the check off."""
     validation: ValidationSource | None = None
     """Validation data for evaluation loss and token accuracy (spec.evaluation says when); none when
     unset."""
@@ -556,15 +566,37 @@ class TrackingSpec(Spec):
         return self
 
 
+_STORAGE_URI = "^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|/.*|file://.*)$"
+_STORAGE_URI_MESSAGE = (
+    "use s3://bucket/prefix (a bucket of 3 to 63 lowercase letters, digits, dots or hyphens) or an"
+    " absolute path (/data/out or file:///data/out); a relative path"
+    " such as ./out means a different folder on every machine"
+)
+
+
+def _storage_uri(value: str) -> str:
+    if not re.match(_STORAGE_URI, value):
+        raise ValueError(_STORAGE_URI_MESSAGE)
+    return value
+
+
+# The rule is CEL rather than a `pattern`, so kubectl apply says what to write instead of printing
+# the regular expression; the trainer gives the same message.
+StorageUri = Annotated[
+    str,
+    Field(
+        max_length=1024,
+        json_schema_extra=validations(cel(f"self.matches('{_STORAGE_URI}')", _STORAGE_URI_MESSAGE)),
+    ),
+    AfterValidator(_storage_uri),
+]
+
+
 class StorageSpec(Spec):
     """Where checkpoints and artifacts go. On the cluster the operator fills unset fields from its
     defaults and appends `<namespace>/<name>/` to the prefix."""
 
-    uri: str | None = Field(
-        default=None,
-        max_length=1024,
-        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|file://.*)$",
-    )
+    uri: StorageUri | None = None
     """`s3://bucket/prefix` or a local folder (a workstation run)."""
     endpoint: str | None = Field(default=None, max_length=512, pattern=r"^https?://.+")
     """S3 endpoint for S3-compatible servers (MinIO, Ceph, R2); AWS when unset."""

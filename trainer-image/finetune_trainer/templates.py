@@ -71,12 +71,17 @@ def custom_placeholders(fmt: str) -> list[str]:
         raise ConfigError("spec.template.format", str(e).removeprefix("template.format: ")) from None
 
 
+def required_columns(template: PromptTemplate) -> dict[str, str]:
+    """Placeholder -> column for the placeholders every row must fill (all but the optional ones)."""
+    optional = OPTIONAL_PLACEHOLDERS.get(template.type, frozenset())
+    return {name: column for name, column in placeholders(template).items() if name not in optional}
+
+
 def check_columns(template: PromptTemplate, columns: Iterable[str]) -> None:
     """Refuse data that lacks a column the template reads, naming what exists."""
     present = set(columns)
-    optional = OPTIONAL_PLACEHOLDERS.get(template.type, frozenset())
-    for name, column in placeholders(template).items():
-        if column not in present and name not in optional:
+    for name, column in required_columns(template).items():
+        if column not in present:
             raise ConfigError(
                 "spec.template.fields",
                 f"template {template.type} reads column {column!r} (placeholder {name}) but the data has "

@@ -23,6 +23,7 @@ from typing import Any
 
 from finetune_trainer.batching import BatchPlan
 from finetune_trainer.distributed import Ranks, StepStop, World, collect_rng_states
+from finetune_trainer.engines import cpu
 from finetune_trainer.evaluation import record_accuracy
 from finetune_trainer.memory import peak_gpu_memory_gib
 from finetune_trainer.progress import Metrics, ProgressState
@@ -62,11 +63,6 @@ def resolve_precision(precision: str, device: str, bf16_supported: bool) -> str:
     if device != "cuda":
         return "fp32"
     return "bf16" if bf16_supported else "fp16"
-
-
-def cpu_optimizer(optimizer: str) -> str:
-    """bitsandbytes' 8-bit optimizers need CUDA; on the CPU the same AdamW runs in 32-bit."""
-    return "adamw_torch" if optimizer in ("adamw_8bit", "paged_adamw_8bit") else optimizer
 
 
 class StepMeter:
@@ -132,7 +128,7 @@ def sft_config(spec: TrainingSpec, plan: BatchPlan, device: str, output_dir: Pat
         max_steps=max_steps if max_steps is not None else -1,
         num_train_epochs=t.epochs if t.epochs is not None else 1.0,
         learning_rate=t.learning_rate,
-        optim=t.optimizer if device == "cuda" else cpu_optimizer(t.optimizer),
+        optim=t.optimizer if device == "cuda" else cpu.optimizer(t.optimizer),
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
         seed=t.seed,

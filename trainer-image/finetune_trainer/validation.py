@@ -106,6 +106,14 @@ def split(spec: TrainingSpec, rows: datasets.Dataset, workdir: Path) -> Split | 
         raise ConfigError(
             source.source_field, f"the validation rows do not fit the template: {e.message}"
         ) from None
+    if source.fraction is None:
+        validation, _ = data.complete_rows(
+            validation,
+            spec.template,
+            spec.data.incomplete_rows,
+            source.source_field,
+            f"validation {described}",
+        )
     chosen = evaluated_indices(len(validation), source.max_rows, source.seed)
     return Split(train, validation.select(chosen), len(validation), described)
 

@@ -24,7 +24,10 @@ save, not what), `export` and `samples` (after training), `tracking` (reporting)
 FINGERPRINT_EXCLUDED: Mapping[str, frozenset[str]] = {
     # Credentials change who may read the model or data, not what is read.
     "model": frozenset({"token_secret_ref"}),
-    "data": frozenset({"token_secret_ref"}),
+    # Credentials; a check that refuses data or trains it as it is (maxTruncatedFraction); which
+    # rows with a missing cell are dropped: under `fail` training only ever ran on data without
+    # any, where `skip` drops nothing.
+    "data": frozenset({"token_secret_ref", "max_truncated_fraction", "incomplete_rows"}),
     # Activation checkpointing recomputes the same activations: memory for time, same math. It is
     # left out so a job may switch it (for example after running out of memory) and keep resuming.
     "lora": frozenset({"gradient_checkpointing"}),

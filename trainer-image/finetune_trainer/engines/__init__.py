@@ -87,17 +87,21 @@ def hub_token() -> str | None:
     return os.environ.get("HF_TOKEN") or None
 
 
+def pretrained_options(spec: TrainingSpec) -> dict[str, Any]:
+    """What every transformers `from_pretrained` of the base model takes from the spec."""
+    return {
+        "revision": spec.model.revision,
+        "trust_remote_code": spec.model.trust_remote_code,
+        "token": hub_token(),
+    }
+
+
 def load_tokenizer(spec: TrainingSpec, source: str) -> Any:
     """The base model's tokenizer, with a pad token (Llama tokenizers have none)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source,
-            revision=spec.model.revision,
-            trust_remote_code=spec.model.trust_remote_code,
-            token=hub_token(),
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, **pretrained_options(spec))
     except OSError as e:
         raise ConfigError(_model_field(spec.model), f"cannot load the tokenizer from {source}: {e}") from None
     return ensure_pad_token(tokenizer)
@@ -107,6 +111,61 @@ def ensure_pad_token(tokenizer: Any) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+ADAPTABLE_TYPES = (
+    "Linear",
+    "Linear4bit",
+    "Linear8bitLt",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Conv1D",
+)
+"""Class names of the modules PEFT's LoRA can wrap (torch's, bitsandbytes' and GPT-2's Conv1D)."""
+MAX_NAMES_LISTED = 40
+
+
+def target_modules_problem(targets: list[str], modules: list[str]) -> str | None:
+    """Why spec.lora.targetModules does not fit the model whose adaptable modules have the
+    qualified names `modules`, or None. An entry matches as PEFT matches a list entry: a module
+    whose name is the entry or ends with `.` + the entry."""
+    unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if not unmatched:
+        return None
+    valid = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    listed = ", ".join(valid[:MAX_NAMES_LISTED]) + (", ..." if len(valid) > MAX_NAMES_LISTED else "")
+    return (
+        f"{', '.join(unmatched)} {'matches' if len(unmatched) == 1 else 'match'} no module of the model; "
+        f"the names it can adapt are: {listed or 'none'}"
+    )
+
+
+def adaptable_modules(model: Any) -> list[str]:
+    """Qualified names of the model's modules that LoRA can wrap."""
+    return [name for name, module in model.named_modules() if type(module).__name__ in ADAPTABLE_TYPES]
+
+
+def check_target_modules(spec: TrainingSpec, source: str) -> None:
+    """Refuse a targetModules entry that matches no module of the model, before any weights load:
+    the model is built from its config on the meta device (no memory, no download of weights).
+    A model that cannot be built so is logged and left to the engine."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, **pretrained_options(spec))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=spec.model.trust_remote_code
+            )
+    except Exception as e:  # the engine's own load reports it, with the weights at hand
+        log.warning("cannot check spec.lora.targetModules before loading the model: %s", e)
+        return
+    problem = target_modules_problem(list(spec.lora.target_modules), adaptable_modules(skeleton))
+    if problem is not None:
+        raise ConfigError("spec.lora.targetModules", problem)
 
 
 def _model_field(model: ModelSource) -> str:

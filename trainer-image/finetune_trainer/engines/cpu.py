@@ -9,10 +9,29 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from finetune_trainer.engines import ensure_pad_token, hub_token
+from finetune_trainer.engines import ensure_pad_token, pretrained_options
 from finetune_trainer.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
+
+
+OPTIMIZERS = {"adamw_8bit": "adamw_torch", "paged_adamw_8bit": "adamw_torch"}
+"""bitsandbytes' 8-bit optimizers need CUDA; on the CPU the same AdamW runs in 32-bit."""
+
+
+def optimizer(name: str) -> str:
+    """The optimizer the CPU engine runs for spec.training.optimizer `name`."""
+    return OPTIMIZERS.get(name, name)
+
+
+def substitutions(spec: TrainingSpec) -> list[str]:
+    """What the CPU engine runs instead of a GPU-only option, as `field: from -> to`."""
+    found = []
+    if optimizer(spec.training.optimizer) != spec.training.optimizer:
+        found.append(f"training.optimizer: {spec.training.optimizer} -> {optimizer(spec.training.optimizer)}")
+    if spec.lora.gradient_checkpointing == "unsloth":  # Unsloth's offloaded variant is CUDA-only
+        found.append("lora.gradientCheckpointing: unsloth -> true")
+    return found
 
 
 def lora_config(spec: TrainingSpec) -> Any:
@@ -45,11 +64,7 @@ def load(spec: TrainingSpec, source: str) -> tuple[Any, Any]:
         if spec.model.load_in_4bit
         else None
     )
-    common = {
-        "revision": spec.model.revision,
-        "trust_remote_code": spec.model.trust_remote_code,
-        "token": hub_token(),
-    }
+    common = pretrained_options(spec)
     model = AutoModelForCausalLM.from_pretrained(
         source, quantization_config=quantization, dtype=torch.float32, **common
     )
