@@ -63,12 +63,14 @@ demo-trainer: venv llama-tools
 
 # A real control plane (kube-apiserver, etcd, ...; hack/cluster-bins.sh builds them once into
 # $(CACHE)), the test kubelet's GPU node and S3, for a person: prints `export KUBECONFIG=...`.
+# `make cluster KUEUE=1` also runs the Kueue manager (Jobs labelled kueue.x-k8s.io/queue-name are
+# queued; apply deploy/kueue for a quota).
 .PHONY: cluster cluster-bins
 cluster-bins:
 	FINETUNE_CACHE=$(CACHE) hack/cluster-bins.sh
 
 cluster: venv cluster-bins
-	FINETUNE_CACHE=$(CACHE) $(PY) -m localkube
+	FINETUNE_CACHE=$(CACHE) $(PY) -m localkube $(if $(filter-out 0,$(KUEUE)),--kueue)
 
 # The operator at scale (benchmarks/operator/README.md): for each N in JOBS, a fresh local control
 # plane with kwok GPU nodes, N FineTuneJobs at once driven through running, preemption and

@@ -23,6 +23,12 @@ from a pod's completion to Succeeded in status (split into the Job controller's 
 operator's), operator CPU seconds and peak RSS (/proc), API requests and status writes per job
 (audit log, by phase). Results: benchmarks/operator/results/jobs-<N>[-<fault>].json.
 
+With `--kueue` the real Kueue manager runs beside the operator (tests/localkube/kueue.py): a
+ClusterQueue whose GPU quota fits every job, a LocalQueue that the operator's config makes the
+namespace's default, so every Job is created suspended and runs once Kueue admits it; the operator
+reads the Workloads. Results: jobs-<N>-kueue.json, with the admission delay (Job created to Job
+unsuspended by Kueue).
+
 Faults (long forms of tests/faults): `kill-operator` SIGKILLs the operator halfway through the
 creations and starts it again; `restart-apiserver` restarts the API server while the pods complete;
 `refuse-status` refuses every status write (a ValidatingAdmissionPolicy) while the pods complete,
@@ -61,6 +67,7 @@ from e2e.harness import CRD, OperatorProcess, free_port  # noqa: E402
 from localkube import kwokpods  # noqa: E402
 from localkube.binaries import bin_dir, missing  # noqa: E402
 from localkube.controlplane import ControlPlane  # noqa: E402
+from localkube.kueue import Kueue, kueue_missing  # noqa: E402
 from localkube.rest import HttpError, Rest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,6 +85,8 @@ SPEC = {
 SUMMARY = json.dumps({"exitReason": "completed", "steps": 60, "totalSteps": 60, "finalLoss": 1.234})
 FTJ_PATH = f"/apis/finetune.dev/v1alpha1/namespaces/{NAMESPACE}/finetunejobs"
 SELECTOR = "app.kubernetes.io/managed-by=finetune-operator"
+KUEUE_API = "kueue.x-k8s.io/v1beta2"
+LOCAL_QUEUE = "gpu"
 RECONCILE = "finetune_operator_reconcile_duration_seconds"
 QUEUE = "finetune_operator_reconcile_queue_seconds"
 
@@ -103,6 +112,7 @@ class JobRecord:
     step_seen: dict[int, float] = field(default_factory=dict)
     job_added: float | None = None
     job_uids: set[str] = field(default_factory=set)
+    job_admitted: float | None = None  # first seen with suspend false (at once without Kueue)
     job_complete: float | None = None
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> newest pod
     pod_running: dict[str, float] = field(default_factory=dict)  # uid -> first seen Running
@@ -190,6 +200,8 @@ class Recorder:
             rec.job_uids.add(obj["metadata"]["uid"])
             if rec.job_added is None:
                 rec.job_added = now
+            if rec.job_admitted is None and not (obj.get("spec") or {}).get("suspend"):
+                rec.job_admitted = now
             conds = (obj.get("status") or {}).get("conditions") or []
             if rec.job_complete is None and any(
                 c["type"] == "Complete" and c["status"] == "True" for c in conds
@@ -470,7 +482,12 @@ class Bench:
         self.names = [f"ftj-{i:05d}" for i in range(jobs)]
         self.stage_walls: list[tuple[str, float]] = []  # (stage, wall-clock start)
         self.metrics_at: dict[str, dict[str, float]] = {}
-        self.result: dict[str, Any] = {"jobs": jobs, "fault": args.fault, "kwok_nodes": nodes}
+        self.result: dict[str, Any] = {
+            "jobs": jobs,
+            "fault": args.fault,
+            "kueue": args.kueue,
+            "kwok_nodes": nodes,
+        }
         self.operator: OperatorProcess | None = None
         self.sampler: ProcSampler | None = None
         self.cpu_at: dict[str, dict[str, float]] = {}
@@ -510,6 +527,9 @@ class Bench:
         log(f"{self.n} jobs: starting the control plane ({self.result['kwok_nodes']} kwok nodes)")
         self.cp.start()
         try:
+            if args.kueue:
+                kueue = Kueue(self.cp).start()
+                self.result["kueue_startup_s"] = {k: round(v, 2) for k, v in kueue.timings.items()}
             return self._run()
         finally:
             if self.operator is not None:
@@ -547,8 +567,10 @@ class Bench:
                 "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
             },
         )
+        if args.kueue:
+            self.queue_for_all(rest)
         progress_port = free_port()
-        config = {
+        config: dict[str, Any] = {
             "storage": {"uri": "s3://bench/jobs", "endpoint": "http://127.0.0.1:9", "region": "us-east-1"},
             "defaultNodeSelector": {"type": "kwok"},
             "defaultTolerations": [kwokpods.KWOK_TOLERATION],
@@ -561,6 +583,8 @@ class Bench:
             "resyncSeconds": RESYNC_SECONDS,
             "ports": {"metrics": free_port(), "progress": progress_port, "health": free_port()},
         }
+        if args.kueue:
+            config["kueue"] = {"enabled": True, "defaultQueues": {NAMESPACE: LOCAL_QUEUE}}
         self.result["operator_config"] = {k: v for k, v in config.items() if k != "ports"}
         operator = self.operator = OperatorProcess(
             self.cp.kubeconfig_for(OPERATOR_USER, "system:masters"), config, self.workdir / "operator"
@@ -643,10 +667,13 @@ class Bench:
             recs = list(recorder.jobs.values())
             running_lag = [r.seen("Running") - min(r.pod_running.values()) for r in recs if r.pod_running]
             all_running = max(r.seen("Running") for r in recorder.jobs.values()) - t0
+            admission_lag = [r.job_admitted - r.job_added for r in recs if r.job_admitted and r.job_added]
         self.result["running"] = {
             "all_running_s": round(all_running, 2),
             "running_after_pod_s": dist(running_lag),
         }
+        if args.kueue:  # Job created (suspended) to Job unsuspended by Kueue
+            self.result["running"]["admitted_after_job_s"] = dist(admission_lag)
         log(f"all Running {all_running:.1f}s after the burst began")
 
         # 3. progress reports
@@ -688,6 +715,51 @@ class Bench:
         }
         self.summarise(recorder, sampler, idle_rss)
         return self.result
+
+    def queue_for_all(self, rest: Rest) -> None:
+        """A ResourceFlavor, a ClusterQueue with GPU, CPU and memory quota for every job (and the
+        replacements of the preempted pods) and the namespace's LocalQueue."""
+        gpus = self.n
+        objects = [
+            ("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "kwok-gpu"}}),
+            (
+                "clusterqueues",
+                {
+                    "kind": "ClusterQueue",
+                    "metadata": {"name": "bench"},
+                    "spec": {
+                        "namespaceSelector": {},
+                        "resourceGroups": [
+                            {
+                                "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                                "flavors": [
+                                    {
+                                        "name": "kwok-gpu",
+                                        "resources": [
+                                            {"name": "cpu", "nominalQuota": str(64 * gpus)},
+                                            {"name": "memory", "nominalQuota": f"{512 * gpus}Gi"},
+                                            {"name": "nvidia.com/gpu", "nominalQuota": str(gpus)},
+                                        ],
+                                    }
+                                ],
+                            }
+                        ],
+                    },
+                },
+            ),
+        ]
+        for plural, body in objects:
+            rest.request("POST", f"/apis/{KUEUE_API}/{plural}", {"apiVersion": KUEUE_API, **body})
+        rest.request(
+            "POST",
+            f"/apis/{KUEUE_API}/namespaces/{NAMESPACE}/localqueues",
+            {
+                "apiVersion": KUEUE_API,
+                "kind": "LocalQueue",
+                "metadata": {"name": LOCAL_QUEUE},
+                "spec": {"clusterQueue": "bench"},
+            },
+        )
 
     def control_plane_cpu(self) -> dict[str, float]:
         out = {}
@@ -1081,6 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fault", choices=["none", "kill-operator", "restart-apiserver", "refuse-status"], default="none"
     )
+    parser.add_argument("--kueue", action="store_true", help="with the Kueue manager admitting every Job")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="suffix of the result file (jobs-N[-fault][-tag].json)")
     parser.add_argument(
@@ -1092,13 +1165,20 @@ def main(argv: list[str] | None = None) -> int:
     if absent := missing():
         print(f"binaries missing ({', '.join(absent)}): run `make cluster-bins`", file=sys.stderr)
         return 2
+    if args.kueue and kueue_missing():
+        print("the Kueue manager is missing: run `make cluster-bins`", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for n in args.jobs:
         wait_until_quiet(args.quiet_load, args.quiet_wait)
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-operator-{n}-"))
         result = Bench(n, args, workdir).run()
         result["workdir"] = str(workdir)
-        suffix = ("" if args.fault == "none" else f"-{args.fault}") + (f"-{args.tag}" if args.tag else "")
+        suffix = (
+            ("" if args.fault == "none" else f"-{args.fault}")
+            + ("-kueue" if args.kueue else "")
+            + (f"-{args.tag}" if args.tag else "")
+        )
         path = args.out / f"jobs-{n}{suffix}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         headline = {

@@ -220,6 +220,7 @@ FIXED_FIELDS = (
     "tolerations",
     "priorityClassName",
     "queueName",
+    "workloadPriorityClassName",
     "backoffLimit",
     "serviceAccountName",
 )
@@ -286,7 +287,13 @@ class FineTuneJobSpec(TrainingSpec):
     priority_class_name: ObjectName | None = None
     """PriorityClass of the training pod."""
     queue_name: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    """Kueue LocalQueue: the Job is created suspended with the `kueue.x-k8s.io/queue-name` label."""
+    """Kueue LocalQueue: the Job is created suspended with the `kueue.x-k8s.io/queue-name` label
+    (the operator's kueue.defaultQueues name one per namespace when unset)."""
+    workload_priority_class_name: str | None = Field(
+        default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+    )
+    """Kueue WorkloadPriorityClass: the Job's `kueue.x-k8s.io/priority-class` label (queueing and
+    preemption order within Kueue, independent of the pod's priorityClassName)."""
     suspend: bool = False
     """Stop the training pod (it checkpoints first); false again resumes from the checkpoint.
     Mutable: applied to the running Job at once, whatever else is wrong with the job."""
@@ -423,7 +430,18 @@ class Artifact(Spec):
     """SHA-256 of the file (of the manifest for folders)."""
 
 
-Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Queued", "Running", "Preempted", "Suspended", "Succeeded", "Failed"]
+
+
+class Usage(Spec):
+    """What the job has used so far, for charging teams (also the operator's counters)."""
+
+    gpu_seconds: float = 0.0
+    """GPUs x seconds in phase Running, up to accountedAt."""
+    queued_seconds: float = 0.0
+    """Seconds in phase Queued (waiting for Kueue to admit it), up to accountedAt."""
+    accounted_at: str | None = None
+    """Until when the figures count; the current phase has lasted since."""
 
 
 class FineTuneJobStatus(Spec):
@@ -432,7 +450,8 @@ class FineTuneJobStatus(Spec):
     model_config = {"extra": "ignore"}
 
     phase: Phase | None = None
-    """Pending, Running, Suspended, Succeeded or Failed."""
+    """Pending, Queued (waiting for Kueue), Running, Preempted (Kueue evicted it: it checkpoints,
+    then queues again), Suspended, Succeeded or Failed."""
     message: str | None = None
     """What is happening, or on failure what to fix."""
     observed_generation: int | None = None
@@ -457,10 +476,14 @@ class FineTuneJobStatus(Spec):
     """First lines of the before/after answers to the first sample prompts, once exported."""
     preemptions: int = 0
     """Times the training pod was evicted or preempted and replaced."""
+    last_eviction_time: str | None = None
+    """When Kueue last evicted the job's Workload (each eviction counts once in preemptions)."""
     preempted_pods: list[str] = Field(default_factory=list, max_length=50)
     """UIDs of the pods already counted in preemptions (the newest 50), so no pod is counted twice."""
     artifacts: list[Artifact] = Field(default_factory=list)
     """Exported artifacts."""
+    usage: Usage | None = None
+    """GPU-seconds and time queued."""
     start_time: str | None = None
     """When training first started."""
     completion_time: str | None = None

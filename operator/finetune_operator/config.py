@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 CONFIG_ENV = "FINETUNE_OPERATOR_CONFIG"
@@ -22,6 +22,39 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", use_attribute_docstrings=True
     )
+
+
+class StsSettings(_Model):
+    """Per-job short-lived storage credentials (finetune_operator.credentials), instead of the
+    namespace's `credentialsSecret`: the operator calls STS AssumeRole at `storage.endpoint` with an
+    inline session policy for the job's own prefix (read/write) and the prefixes it may read, and
+    writes the result into a Secret owned by the FineTuneJob, mounted into the pod as a file."""
+
+    enabled: bool = False
+    """Issue scoped credentials for every job that names no `spec.storage.credentialsSecret`."""
+    role_arn: str | None = None
+    """Role to assume; AWS requires one (the platform's role, which the session policy narrows).
+    MinIO ignores it: the session gets the calling user's policy narrowed by the session policy."""
+    duration_seconds: int = Field(default=3600, ge=900, le=43200)
+    """Lifetime of each job's credentials (900 is STS's minimum; AWS caps it at the role's
+    maximum session duration)."""
+    renew_before_seconds: int = Field(default=900, ge=120)
+    """Renew a running job's credentials when they expire within this many seconds. Must leave
+    time for the kubelet to refresh the mounted file (up to about a minute plus its cache TTL) and
+    exceed `resyncSeconds`, since the periodic reconcile is what notices."""
+    credentials_secret: str | None = None
+    """Secret in the operator's namespace with the platform's AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY, given to the operator's container as environment by the chart. Unset:
+    the operator's own identity (IRSA / Pod Identity on AWS, or environment set otherwise)."""
+
+    @model_validator(mode="after")
+    def _renewal_within_lifetime(self) -> StsSettings:
+        if self.renew_before_seconds >= self.duration_seconds:
+            raise ValueError(
+                f"renewBeforeSeconds ({self.renew_before_seconds}) must be less than durationSeconds"
+                f" ({self.duration_seconds}), or every reconcile would renew"
+            )
+        return self
 
 
 class StorageDefaults(_Model):
@@ -34,7 +67,10 @@ class StorageDefaults(_Model):
     region: str | None = None
     """S3 region."""
     credentials_secret: str | None = "finetune-s3"
-    """Secret (in the job's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+    """Secret (in the job's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Not used
+    for jobs that get scoped credentials (`sts.enabled`)."""
+    sts: StsSettings = Field(default_factory=StsSettings)
+    """Per-job scoped, short-lived credentials from STS (off by default)."""
 
 
 class Allowances(_Model):
@@ -113,6 +149,23 @@ class LeaderElection(_Model):
     """How often the leader renews the Lease."""
 
 
+class KueueSettings(_Model):
+    """Kueue integration: the queue a job goes to and whether its Workload is read."""
+
+    enabled: bool = False
+    """Read Kueue's Workloads (get/list/watch only) to show why a job waits or was preempted; the
+    chart's RBAC follows this. Jobs with a queue are queued either way."""
+    workload_api_version: str = Field(default="v1beta2", pattern=r"^v1beta[12]$")
+    """kueue.x-k8s.io version the Workloads are read in: v1beta2 from Kueue 0.15, v1beta1 before."""
+    default_queues: dict[str, str] = Field(default_factory=dict)
+    """Namespace -> LocalQueue for jobs that name no spec.queueName; the key `*` covers every
+    namespace not listed."""
+
+    def queue_for(self, namespace: str) -> str | None:
+        """The platform's default LocalQueue in `namespace`, if any."""
+        return self.default_queues.get(namespace) or self.default_queues.get("*")
+
+
 class OperatorConfig(_Model):
     """Everything the platform team sets once; a user's job names only model and data."""
 
@@ -189,6 +242,20 @@ class OperatorConfig(_Model):
     """Listening ports."""
     leader_election: LeaderElection = Field(default_factory=LeaderElection)
     """Leader election for replicas > 1."""
+    kueue: KueueSettings = Field(default_factory=KueueSettings)
+    """Kueue integration."""
+
+    @model_validator(mode="after")
+    def _sts_needs(self) -> OperatorConfig:
+        sts = self.storage.sts
+        if sts.enabled and not self.storage.uri:
+            raise ValueError("storage.sts.enabled needs storage.uri: the session policy is made for it")
+        if sts.enabled and sts.renew_before_seconds <= self.resync_seconds:
+            raise ValueError(
+                f"storage.sts.renewBeforeSeconds ({sts.renew_before_seconds}) must exceed resyncSeconds"
+                f" ({self.resync_seconds:g}): the periodic reconcile is what renews"
+            )
+        return self
 
     @field_validator("allowed_model_sources")
     @classmethod

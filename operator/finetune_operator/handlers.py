@@ -27,12 +27,14 @@ import kopf
 from finetune_operator import events
 from finetune_operator.api import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
 from finetune_operator.config import OperatorConfig
+from finetune_operator.credentials import StorageCredentials, removal_due, uses_sts
 from finetune_operator.jobbuilder import (
     InvalidJobError,
     build_job,
     is_owned_by,
     job_spec_patch,
     parse_spec,
+    resolved_storage,
     secret_fields,
     validate_limits,
 )
@@ -79,27 +81,6 @@ def _owner(obj: Any, kind: str) -> str | None:
     return None
 
 
-def gpu_seconds(pods: list[dict[str, Any]], now: datetime) -> float:
-    """GPU-seconds used by `pods`: GPUs requested x time each trainer container ran."""
-    total = 0.0
-    for pod in pods:
-        gpus = 0
-        for c in pod.get("spec", {}).get("containers") or []:
-            for k, v in ((c.get("resources") or {}).get("limits") or {}).items():
-                if k.endswith("/gpu"):
-                    gpus += int(v)
-        if not gpus:
-            continue
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            state = cs.get("state") or {}
-            run = state.get("running") or state.get("terminated") or {}
-            start = parse_time(run.get("startedAt"))
-            end = parse_time(run.get("finishedAt")) or (now if "running" in state else None)
-            if start and end:
-                total += gpus * max(0.0, (end - start).total_seconds())
-    return total
-
-
 class Slots:
     """`size` reconcile slots handed out by priority (lower first), then in order of asking: a
     job still waiting for its Job goes before status updates of jobs that have one, so a burst of
@@ -143,6 +124,7 @@ class Controller:
         self.ftjs: dict[Key, dict[str, Any]] = {}
         self.job_index: Any = None
         self.pod_index: Any = None
+        self.workload_index: Any = None
         self._running: set[Key] = set()
         self._dirty: set[Key] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -151,11 +133,14 @@ class Controller:
         self._failures: dict[Key, tuple[int, str]] = {}
         """Consecutive failed reconciles and the last error, per job."""
         self._backoff_until: dict[Key, float] = {}
+        self.credentials = StorageCredentials(cfg, kube) if cfg.storage.sts.enabled else None
+        """Per-job scoped storage credentials (storage.sts), else None."""
 
     def bind(self, kwargs: dict[str, Any]) -> None:
         """Keep kopf's index objects (they are the same objects on every call)."""
         self.job_index = kwargs["finetune_jobs_index"]
         self.pod_index = kwargs["finetune_pods_index"]
+        self.workload_index = kwargs.get("finetune_workloads_index")
 
     def _job(self, key: Key) -> dict[str, Any] | None:
         store = self.job_index.get((key[0], job_name(key[1]))) if self.job_index is not None else None
@@ -172,6 +157,15 @@ class Controller:
             for p in pods
             if any(r.get("uid") == uid for r in p.get("metadata", {}).get("ownerReferences") or [])
         ]
+
+    def _workload(self, namespace: str, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The Kueue Workload owned by `job` (read-only, from the watch), if Kueue made one."""
+        if self.workload_index is None:
+            return None
+        uid = job["metadata"].get("uid")
+        store = self.workload_index.get((namespace, job["metadata"]["name"])) or []
+        owned = [w for w in store if w["metadata"].get("jobUID") == uid]
+        return dict(max(owned, key=lambda w: w["metadata"].get("creationTimestamp") or "")) if owned else None
 
     async def pod_lookup(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A pod for the progress endpoint: from the cache (leader) or the API (standby). The Job
@@ -219,6 +213,8 @@ class Controller:
             self._backoff_until.pop(key, None)
             self.metrics.forget(*key)
             self.progress.forget(key)
+            if self.credentials is not None:
+                self.credentials.forget(*key)
             return
         known = self.ftjs.get(key)
         if known is not None and known["metadata"].get("generation") != meta.get("generation"):
@@ -236,7 +232,7 @@ class Controller:
 
     def owned_event(self, body: dict[str, Any], kind: str) -> None:
         namespace = body["metadata"]["namespace"]
-        if kind == "Pod":
+        if kind in ("Pod", "Workload"):
             job = _owner(body, "Job")
             job_obj = next(iter(self.job_index.get((namespace, job)) or []), None) if job else None
             name = _owner(job_obj, "FineTuneJob") if job_obj else None
@@ -338,6 +334,7 @@ class Controller:
                 key, ftj, lambda obj: invalid_status(obj, field, message, _now(), reason=reason)
             )
             return
+        await self._storage_credentials(ftj, phase)
         if job is None and phase in ("Succeeded", "Failed"):
             return  # nothing left to observe (the Job was deleted): the final status stands
         if job is None:
@@ -386,8 +383,7 @@ class Controller:
             if patch:
                 job = await self.kube.patch_job(key[0], job["metadata"]["name"], patch)
         pods = self._pods(key[0], job) if job is not None else []
-        if job is not None:
-            self.metrics.add_gpu_seconds(*key, gpu_seconds(pods, _now()))
+        workload = self._workload(key[0], job) if job is not None else None
         report = self.progress.book.latest(key)
         secrets = secret_fields(ftj, self.cfg) if cannot_start(pods) else {}
         grace = self.cfg.secret_missing_grace_seconds
@@ -400,13 +396,14 @@ class Controller:
                 pods,
                 report,
                 _now(),
+                workload=workload,
                 secret_grace=grace,
                 secret_fields=secrets,
                 pod_failure=pod_failure,
                 pod_grace=self.cfg.pod_create_grace_seconds,
             )
 
-        status = await self._write_status(key, ftj, compute, job=job, pods=pods)
+        status = await self._write_status(key, ftj, compute, job=job, pods=pods, workload=workload)
         reason = _reason(status)
         if job is not None and status.get("phase") == "Failed" and reason in GIVEN_UP:
             # Its pod can never start: stop holding the GPU (the final status stands, see above).
@@ -418,6 +415,21 @@ class Controller:
                     reason,
                     extra={"fields": _fields(key)},
                 )
+
+    async def _storage_credentials(self, ftj: dict[str, Any], phase: str | None) -> None:
+        """Scoped credentials: issued before the Job is made, renewed while the job runs (this is
+        called on every reconcile, the periodic resync included), deleted when it has finished."""
+        if self.credentials is None:
+            return
+        storage = resolved_storage(ftj, self.cfg)
+        if not uses_sts(storage.get("credentialsSecret"), self.cfg):
+            return
+        if phase in ("Succeeded", "Failed"):
+            completed = parse_time((ftj.get("status") or {}).get("completionTime"))
+            if removal_due(completed, _now(), self.cfg.storage.sts.duration_seconds):
+                await self.credentials.remove(ftj)
+        else:
+            await self.credentials.ensure(ftj, storage["uri"])
 
     async def _pod_create_failure(
         self, key: Key, job: dict[str, Any] | None, pods: list[dict[str, Any]], phase: str | None
@@ -475,6 +487,7 @@ class Controller:
         *,
         job: dict[str, Any] | None = None,
         pods: list[dict[str, Any]] | None = None,
+        workload: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Compute and write a status patch conditional on the object's resourceVersion; on conflict
         read the object again and recompute (so e.g. a preemption is never counted twice).
@@ -508,7 +521,7 @@ class Controller:
                 continue
             except NotFoundError:
                 return {}
-            self._after_write(key, obj, new, patch, job=job, pods=pods or [])
+            self._after_write(key, obj, new, patch, job=job, pods=pods or [], workload=workload)
             return new.get("status") or {}
         log.warning("status write kept conflicting; the next event retries", extra={"fields": _fields(key)})
         return {}
@@ -522,6 +535,7 @@ class Controller:
         *,
         job: dict[str, Any] | None,
         pods: list[dict[str, Any]],
+        workload: dict[str, Any] | None = None,
     ) -> None:
         new = slim_ftj(new)
         if key in self.ftjs:
@@ -610,6 +624,35 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         job = _owner(body, "Job")
         return {(namespace, job): slim_pod(body)} if job else None
 
+    if cfg.kueue.enabled:
+        version = cfg.kueue.workload_api_version
+
+        @kopf.index(
+            "kueue.x-k8s.io",
+            version,
+            "workloads",
+            registry=registry,
+            id="finetune_workloads_index",
+            when=lambda body, **_: _owner(body, "Job") is not None,
+        )
+        async def finetune_workloads_index(
+            namespace: str, body: kopf.Body, **_: Any
+        ) -> dict[Key, Any] | None:
+            job = _owner(body, "Job")
+            return {(namespace, job): slim_workload(body)} if job else None
+
+        @kopf.on.event(
+            "kueue.x-k8s.io",
+            version,
+            "workloads",
+            registry=registry,
+            when=lambda body, **_: _owner(body, "Job") is not None,
+        )
+        async def workload_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+            controller: Controller = memo["controller"]
+            controller.bind(kwargs)
+            controller.owned_event(_plain(body), "Workload")
+
     @kopf.on.event(*FTJ, registry=registry)
     async def ftj_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         controller: Controller = memo["controller"]
@@ -662,6 +705,25 @@ def slim_job(body: Any) -> dict[str, Any]:
         "metadata": _slim_meta(body.get("metadata") or {}, False),
         "spec": spec,
         "status": body.get("status"),
+    }
+
+
+def slim_workload(body: Any) -> dict[str, Any]:
+    """What status reads of a Kueue Workload: its owner (and the owner's uid, from Kueue's
+    job-uid label), queue, priority, admission's ClusterQueue and conditions."""
+    meta = _slim_meta(body.get("metadata") or {}, False)
+    meta["jobUID"] = (meta.get("labels") or {}).get("kueue.x-k8s.io/job-uid") or next(
+        (r.get("uid") for r in meta.get("ownerReferences") or [] if r.get("controller")), None
+    )
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    return {
+        "metadata": meta,
+        "spec": {k: spec[k] for k in ("queueName", "priority", "priorityClassName") if k in spec},
+        "status": {
+            "conditions": status.get("conditions") or [],
+            "clusterQueue": (status.get("admission") or {}).get("clusterQueue"),
+        },
     }
 
 

@@ -18,10 +18,17 @@ from typing import Any
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
 from pydantic import ValidationError
 
-from finetune_operator import admission
+from finetune_operator import admission, credentials
 from finetune_operator.api import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
 from finetune_operator.config import OperatorConfig
-from finetune_operator.naming import ANNOTATION_JOB_MANIFEST, LABEL_KUEUE_QUEUE, job_labels, job_name
+from finetune_operator.naming import (
+    ANNOTATION_JOB_MANIFEST,
+    LABEL_KUEUE_PRIORITY,
+    LABEL_KUEUE_QUEUE,
+    job_labels,
+    job_name,
+    owner_reference,
+)
 
 CONTAINER = "trainer"
 SPEC_DIR = "/etc/finetune"
@@ -106,15 +113,17 @@ def validate_limits(spec: FineTuneJobSpec, namespace: str, cfg: OperatorConfig) 
 
 def resolved_storage(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     """spec.storage with the operator's defaults filled in and `<namespace>/<name>` appended to the
-    URI, so jobs never share a checkpoint prefix."""
+    URI, so jobs never share a checkpoint prefix. A job with scoped credentials (storage.sts) gets
+    no credentialsSecret: its pod reads the operator's per-job Secret instead."""
     meta = ftj["metadata"]
     storage = dict((ftj.get("spec") or {}).get("storage") or {})
     base = storage.get("uri") or cfg.storage.uri or ""
     storage["uri"] = f"{base.rstrip('/')}/{meta['namespace']}/{meta['name']}"
+    scoped = credentials.uses_sts(storage.get("credentialsSecret"), cfg)
     for key, default in (
         ("endpoint", cfg.storage.endpoint),
         ("region", cfg.storage.region),
-        ("credentialsSecret", cfg.storage.credentials_secret),
+        ("credentialsSecret", None if scoped else cfg.storage.credentials_secret),
     ):
         if storage.get(key) is None and default is not None:
             storage[key] = default
@@ -178,8 +187,16 @@ def _env(ftj: dict[str, Any], spec: FineTuneJobSpec, cfg: OperatorConfig) -> lis
         # The trainer starts one process per GPU (finetune_trainer/launch.py, through torchrun).
         env.append({"name": "FINETUNE_NPROC_PER_NODE", "value": str(spec.resources.gpus)})
         env += [{"name": name, "value": value} for name, value in DATA_PARALLEL_ENV.items()]
-    secret = resolved_storage(ftj, cfg).get("credentialsSecret")
-    if secret:
+    storage = resolved_storage(ftj, cfg)
+    secret = storage.get("credentialsSecret")
+    if credentials.uses_sts(secret, cfg):
+        env.append(
+            {
+                "name": credentials.ENV_CREDENTIALS_FILE,
+                "value": f"{credentials.MOUNT_DIR}/{credentials.CREDENTIALS_KEY}",
+            }
+        )
+    elif secret:
         for key, optional in S3_SECRET_KEYS:
             selector = {"name": secret, "key": key, **({"optional": True} if optional else {})}
             env.append({"name": key, "valueFrom": {"secretKeyRef": selector}})
@@ -217,7 +234,9 @@ def secret_fields(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, str]:
     ]
     out = {ref.name: field for field, ref in refs if ref is not None}
     storage = resolved_storage(ftj, cfg).get("credentialsSecret")
-    if storage:
+    if credentials.uses_sts(storage, cfg):
+        out[credentials.secret_name(ftj["metadata"]["name"])] = "the operator's scoped storage credentials"
+    elif storage:
         own = ((ftj.get("spec") or {}).get("storage") or {}).get("credentialsSecret")
         out[storage] = "spec.storage.credentialsSecret" if own else "the operator's storage.credentialsSecret"
     return out
@@ -242,9 +261,14 @@ def _tolerations(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[dict[str, A
     return [*(t for t in cfg.default_tolerations if t not in own), *own]
 
 
-def desired_suspend(spec: FineTuneJobSpec) -> bool:
+def queue_name(spec: FineTuneJobSpec, namespace: str, cfg: OperatorConfig) -> str | None:
+    """The job's Kueue LocalQueue: its own spec.queueName, else the platform's default for the namespace."""
+    return spec.queue_name or cfg.kueue.queue_for(namespace)
+
+
+def desired_suspend(spec: FineTuneJobSpec, queue: str | None) -> bool:
     """`suspend` for a new Job: the user's, or true while Kueue has not admitted it (Kueue unsuspends)."""
-    return spec.suspend or spec.queue_name is not None
+    return spec.suspend or queue is not None
 
 
 def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
@@ -255,8 +279,12 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     name = meta["name"]
     labels = job_labels(name)
     job_meta_labels = dict(labels)
-    if spec.queue_name:
-        job_meta_labels[LABEL_KUEUE_QUEUE] = spec.queue_name
+    queue = queue_name(spec, meta["namespace"], cfg)
+    if queue:
+        job_meta_labels[LABEL_KUEUE_QUEUE] = queue
+    if spec.workload_priority_class_name:
+        job_meta_labels[LABEL_KUEUE_PRIORITY] = spec.workload_priority_class_name
+    scoped = credentials.uses_sts(resolved_storage(ftj, cfg).get("credentialsSecret"), cfg)
     manifest = json.dumps(trainer_manifest(ftj, cfg), separators=(",", ":"), sort_keys=True)
     size = len(ANNOTATION_JOB_MANIFEST) + len(manifest.encode())
     if size > MAX_MANIFEST_BYTES:
@@ -287,6 +315,7 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
             {"name": "work", "mountPath": WORK_DIR},
             {"name": "finetune", "mountPath": SPEC_DIR, "readOnly": True},
             *([{"name": "shm", "mountPath": SHM_DIR}] if spec.resources.gpus > 1 else []),
+            *([{"name": "storage", "mountPath": credentials.MOUNT_DIR, "readOnly": True}] if scoped else []),
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
@@ -313,6 +342,7 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
                 if spec.resources.gpus > 1
                 else []
             ),
+            *([_credentials_volume(name)] if scoped else []),
             {
                 "name": "finetune",
                 "projected": {
@@ -357,7 +387,7 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
         "parallelism": 1,
         "completions": 1,
         "backoffLimit": spec.backoff_limit,
-        "suspend": desired_suspend(spec),
+        "suspend": desired_suspend(spec, queue),
         # Never two trainers writing one checkpoint prefix: a replacement starts only once the old
         # pod is fully gone (after its emergency checkpoint).
         "podReplacementPolicy": "Failed",
@@ -405,16 +435,16 @@ def build_job(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
     }
 
 
-def owner_reference(ftj: dict[str, Any]) -> dict[str, Any]:
-    """Controller reference: deleting the FineTuneJob garbage-collects the Job and its pods."""
-    meta = ftj["metadata"]
+def _credentials_volume(ftj_name: str) -> dict[str, Any]:
+    """The job's scoped storage credentials as a file; mounted whole (not by subPath), so the
+    kubelet's refresh of a renewed Secret reaches the running pod."""
     return {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
+        "name": "storage",
+        "secret": {
+            "secretName": credentials.secret_name(ftj_name),
+            "defaultMode": 0o440,
+            "items": [{"key": credentials.CREDENTIALS_KEY, "path": credentials.CREDENTIALS_KEY}],
+        },
     }
 
 
@@ -431,20 +461,21 @@ def job_spec_patch(
     ftj: dict[str, Any], job: dict[str, Any], spec: FineTuneJobSpec | None = None
 ) -> dict[str, Any] | None:
     """A merge patch bringing an existing Job's mutable fields (suspend, activeDeadlineSeconds) in line
-    with the FineTuneJob, or None. With a Kueue queue, Kueue owns `suspend` (it unsuspends on
-    admission), so the operator only ever sets it to true on the user's request. `spec`: the
-    FineTuneJob's spec already parsed; without it the fields are read as they stand, so suspend
-    applies even to a spec that no longer parses (suspend works whatever else is wrong)."""
+    with the FineTuneJob, or None. With a Kueue queue (the Job's label, set at creation), Kueue owns
+    `suspend` (it unsuspends on admission), so the operator only ever sets it to true on the user's
+    request. `spec`: the FineTuneJob's spec already parsed; without it the fields are read as they
+    stand, so suspend applies even to a spec that no longer parses (suspend works whatever else is
+    wrong)."""
     if spec is not None:
-        suspend, queue, deadline = spec.suspend, spec.queue_name, spec.active_deadline_seconds
+        suspend, deadline = spec.suspend, spec.active_deadline_seconds
     else:
         raw = ftj.get("spec") or {}
-        suspend, queue = raw.get("suspend") is True, raw.get("queueName")
+        suspend = raw.get("suspend") is True
         deadline = raw.get("activeDeadlineSeconds")
         deadline = deadline if isinstance(deadline, int) and deadline >= 60 else None
     current = job.get("spec") or {}
     patch: dict[str, Any] = {}
-    if queue is None:
+    if not (job.get("metadata", {}).get("labels") or {}).get(LABEL_KUEUE_QUEUE):
         if bool(current.get("suspend")) != suspend:
             patch["suspend"] = suspend
     elif suspend and not current.get("suspend"):

@@ -129,6 +129,16 @@ class Kube:
         body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
         await self._raw("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", body)
 
+    async def create_secret(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        return await self._raw("POST", f"/api/v1/namespaces/{namespace}/secrets", manifest)
+
+    async def replace_secret(self, namespace: str, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """PUT without a resourceVersion: an unconditional replace, so the Secret is never read."""
+        return await self._raw("PUT", f"/api/v1/namespaces/{namespace}/secrets/{name}", manifest)
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        await self._raw("DELETE", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
         return await self._raw("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
 

@@ -3,7 +3,9 @@
 Per-job series (`{namespace,name}`) exist only while the FineTuneJob exists: `forget()` removes
 them on deletion, so label cardinality is bounded by the number of live jobs. Values are derived
 from status (which every replica's watch sees), so they survive operator restarts as far as status
-does; counters restart from zero like any Prometheus counter.
+does. The per-job usage counters (GPU-seconds, seconds queued) follow status.usage: a new replica
+or a restarted operator starts them at the job's total so far, not at zero; the other counters
+restart from zero like any Prometheus counter.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+PHASES = ("Pending", "Queued", "Running", "Preempted", "Suspended", "Succeeded", "Failed")
+ACTIVE = ("Pending", "Queued", "Running", "Preempted", "Suspended")
 
 
 class OperatorMetrics:
@@ -66,7 +69,13 @@ class OperatorMetrics:
         )
         self.gpu_seconds = Counter(
             "finetune_operator_gpu_seconds",
-            "GPU-seconds consumed by a job's pods.",
+            "GPU-seconds consumed by a job (GPUs x time Running, from status.usage).",
+            ["namespace", "name"],
+            registry=r,
+        )
+        self.queued_seconds = Counter(
+            "finetune_operator_queued_seconds",
+            "Seconds a job waited for Kueue to admit it (phase Queued, from status.usage).",
             ["namespace", "name"],
             registry=r,
         )
@@ -85,7 +94,7 @@ class OperatorMetrics:
         for phase in PHASES:
             self.jobs.labels(phase).set(0)
         self._phases: dict[tuple[str, str], str] = {}
-        self._gpu_seconds: dict[tuple[str, str], float] = {}
+        self._usage: dict[tuple[str, str], dict[str, float]] = {}
 
     def observe_job(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Refresh the per-job series and the phase counts from a job's status."""
@@ -94,28 +103,36 @@ class OperatorMetrics:
         if phase in PHASES:
             self._set_phase(key, phase)
         progress = status.get("progress") or {}
-        if phase in ("Pending", "Running", "Suspended") and progress.get("step") is not None:
+        self._observe_usage(key, status.get("usage") or {})
+        if phase in ACTIVE and progress.get("step") is not None:
             self.step.labels(namespace, name).set(progress["step"])
             if progress.get("loss") is not None:
                 self.loss.labels(namespace, name).set(progress["loss"])
         else:
             self._remove_live(namespace, name)
 
-    def add_gpu_seconds(self, namespace: str, name: str, total: float) -> None:
-        """Advance the job's GPU-seconds counter to `total` (computed from its pods; never goes back)."""
-        key = (namespace, name)
-        done = self._gpu_seconds.get(key, 0.0)
-        if total > done:
-            self.gpu_seconds.labels(namespace, name).inc(total - done)
-            self._gpu_seconds[key] = total
+    def _observe_usage(self, key: tuple[str, str], usage: dict[str, Any]) -> None:
+        """Advance the usage counters to status.usage (they never go back: an older status that
+        arrives late changes nothing)."""
+        seen = self._usage.setdefault(key, {})
+        for field, counter in (("gpuSeconds", self.gpu_seconds), ("queuedSeconds", self.queued_seconds)):
+            total = float(usage.get(field) or 0.0)
+            if field not in seen:
+                counter.labels(*key)  # the series exists from the job's first status on
+                seen[field] = 0.0
+            if total > seen[field]:
+                counter.labels(*key).inc(total - seen[field])
+                seen[field] = total
 
     def forget(self, namespace: str, name: str) -> None:
         """The job is gone: drop its series."""
         key = (namespace, name)
         self._set_phase(key, None)
         self._remove_live(namespace, name)
-        if self._gpu_seconds.pop(key, None) is not None:
-            self.gpu_seconds.remove(namespace, name)
+        if self._usage.pop(key, None) is not None:
+            for counter in (self.gpu_seconds, self.queued_seconds):
+                with contextlib.suppress(KeyError):
+                    counter.remove(namespace, name)
 
     def _remove_live(self, namespace: str, name: str) -> None:
         for gauge in (self.step, self.loss):

@@ -1,9 +1,9 @@
 """FineTuneJob status from what the cluster shows: pure functions, no API calls.
 
-`derive_status` turns (FineTuneJob, its Job, the Job's pods, the latest progress report, now) into a
-merge patch for `.status`. The operator applies it with the FineTuneJob's resourceVersion as a
-precondition, so a patch computed from an out-of-date object is refused rather than undoing a
-newer write (and, in particular, a preemption is never counted twice).
+`derive_status` turns (FineTuneJob, its Job, the Job's pods, its Kueue Workload, the latest progress
+report, now) into a merge patch for `.status`. The operator applies it with the FineTuneJob's
+resourceVersion as a precondition, so a patch computed from an out-of-date object is refused
+rather than undoing a newer write (and, in particular, a preemption is never counted twice).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
 from finetune_trainer.timestamps import rfc3339
 
 from finetune_operator.jobbuilder import CONTAINER
+from finetune_operator.naming import LABEL_KUEUE_QUEUE
 from finetune_operator.refusals import PodCreateFailure
 
 PREEMPTED_PODS_KEPT = 50
@@ -162,8 +163,62 @@ def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[st
     return reason, f"{failed.get('message') or 'the Job failed'}{detail}"
 
 
-def observe(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Observed:
-    """The phase of the FineTuneJob from its Job and pods."""
+def queue_of(ftj: dict[str, Any], job: dict[str, Any] | None) -> str | None:
+    """The Kueue LocalQueue the Job was created in (its label; the spec's when there is no Job)."""
+    labels = ((job or {}).get("metadata") or {}).get("labels") or {}
+    return labels.get(LABEL_KUEUE_QUEUE) or (ftj.get("spec") or {}).get("queueName")
+
+
+def observe_kueue(
+    ftj: dict[str, Any], queue: str, workload: dict[str, Any] | None, active: list[dict[str, Any]]
+) -> Observed:
+    """The phase of a job whose Job Kueue holds suspended, from its Workload's conditions (Kueue's
+    own reasons): Preempted while an eviction stops its pod, else Queued with why it waits."""
+    evicted = _true(workload, "Evicted")
+    if evicted and (active or _true(workload, "QuotaReserved")):
+        why = evicted.get("message") or evicted.get("reason") or "evicted"
+        return Observed(
+            "Preempted",
+            evicted.get("reason") or "Evicted",
+            f"Kueue evicted the job: {why}; the trainer checkpoints, then the job queues again"[
+                :MESSAGE_LIMIT
+            ],
+        )
+    if active:
+        return Observed(
+            "Preempted", "Suspending", "Kueue suspended the Job; the trainer checkpoints and stops"
+        )
+    reserved = _conditions(workload).get("QuotaReserved")
+    where = f"LocalQueue {queue} (namespace {ftj['metadata'].get('namespace')})"
+    if workload is None:
+        return Observed(
+            "Queued", "WorkloadPending", f"waiting for Kueue to create the job's Workload in {where}"
+        )
+    if reserved is None or reserved.get("status") == "True":
+        return Observed("Queued", "Admitting", f"Kueue is admitting the job in {where}")
+    reason = reserved.get("reason") or "Pending"
+    detail = reserved.get("message") or "no quota yet"
+    requeued = (
+        " (evicted before: it resumes from its checkpoint)" if _conditions(workload).get("Evicted") else ""
+    )
+    if reason == "Inadmissible":
+        return Observed(
+            "Queued",
+            reason,
+            f"Kueue cannot admit the job: {detail}; create {where} or set spec.queueName{requeued}"[
+                :MESSAGE_LIMIT
+            ],
+        )
+    return Observed("Queued", reason, f"waiting for Kueue in {where}: {detail}{requeued}"[:MESSAGE_LIMIT])
+
+
+def observe(
+    ftj: dict[str, Any],
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    workload: dict[str, Any] | None = None,
+) -> Observed:
+    """The phase of the FineTuneJob from its Job, pods and (with Kueue) Workload."""
     spec = ftj.get("spec") or {}
     if job is None:
         return Observed("Pending", "JobCreating", "creating the training Job")
@@ -174,10 +229,9 @@ def observe(ftj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str
         return Observed("Failed", reason, message)
     active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
     if (job.get("spec") or {}).get("suspend"):
-        if spec.get("queueName") and not spec.get("suspend"):
-            return Observed(
-                "Pending", "Queued", f"waiting for Kueue to admit the job (queue {spec['queueName']})"
-            )
+        queue = queue_of(ftj, job)
+        if queue and not spec.get("suspend"):
+            return observe_kueue(ftj, queue, workload, active)
         if active:
             return Observed("Suspended", "Suspending", "suspended: the trainer is checkpointing and stopping")
         return Observed(
@@ -536,6 +590,33 @@ def secret_missing(
     )
 
 
+def gpus_of(ftj: dict[str, Any]) -> int:
+    """GPUs the job's pod requests (spec.resources.gpus, default 1)."""
+    gpus = ((ftj.get("spec") or {}).get("resources") or {}).get("gpus", 1)
+    return int(gpus) if isinstance(gpus, int) else 1
+
+
+def usage_rates(phase: str | None, gpus: int) -> tuple[float, float]:
+    """(GPU-seconds, queued seconds) accrued per second in `phase`."""
+    return (float(gpus) if phase == "Running" else 0.0, 1.0 if phase == "Queued" else 0.0)
+
+
+def usage_now(status: dict[str, Any], gpus: int, now: datetime) -> dict[str, float]:
+    """status.usage brought up to `now`: the time since accountedAt counts for the phase status
+    shows (the phase that held all that time, as every phase change is written with its usage)."""
+    now = now.replace(microsecond=0)  # accountedAt has whole seconds: the intervals tile exactly
+    usage = status.get("usage") or {}
+    gpu_seconds = float(usage.get("gpuSeconds") or 0.0)
+    queued = float(usage.get("queuedSeconds") or 0.0)
+    since = parse_time(usage.get("accountedAt"))
+    if since is not None and now > since:
+        elapsed = (now - since).total_seconds()
+        gpu_rate, queue_rate = usage_rates(status.get("phase"), gpus)
+        gpu_seconds += gpu_rate * elapsed
+        queued += queue_rate * elapsed
+    return {"gpuSeconds": round(gpu_seconds, 1), "queuedSeconds": round(queued, 1)}
+
+
 def pod_create_failed(failure: PodCreateFailure, now: datetime, grace: float) -> Observed:
     """Pending while the Job controller cannot create the pod (the reason and the field to fix in
     status, not only in the Job's Events), Failed once that has lasted `grace` seconds."""
@@ -563,20 +644,24 @@ def derive_status(
     progress_report: dict[str, Any] | None,
     now: datetime,
     *,
+    workload: dict[str, Any] | None = None,
     secret_grace: float | None = None,
     secret_fields: dict[str, str] | None = None,
     pod_failure: PodCreateFailure | None = None,
     pod_grace: float = 300.0,
 ) -> dict[str, Any]:
     """A merge patch for `.status` (empty when nothing changed). `pods` are the Job's pods;
-    `progress_report` the newest report from the trainer (ignored when not newer than status).
-    With `secret_grace`, a pod unable to start for want of a Secret that long fails the job
-    (`secret_fields`: Secret name -> the spec field naming it, for the message). `pod_failure`:
-    why the Job controller cannot create the pod (refusals.pod_create_failure), failing the job
-    after `pod_grace` seconds."""
+    `workload` its Kueue Workload, if any; `progress_report` the newest report from the trainer
+    (ignored when not newer than status). With `secret_grace`, a pod unable to start for want of a
+    Secret that long fails the job (`secret_fields`: Secret name -> the spec field naming it, for
+    the message). `pod_failure`: why the Job controller cannot create the pod
+    (refusals.pod_create_failure), failing the job after `pod_grace` seconds.
+
+    status.usage (GPU-seconds, time queued) is brought up to now whenever the patch writes anything
+    else, and always at a phase change, so it never costs a write of its own."""
     status = dict(ftj.get("status") or {})
     generation = ftj["metadata"].get("generation")
-    observed = observe(ftj, job, pods)
+    observed = observe(ftj, job, pods, workload)
     if observed.phase == "Pending" and secret_grace is not None:
         observed = secret_missing(ftj, pods, now, secret_grace, secret_fields or {}) or observed
     if observed.reason == "PodPending" and not pods and pod_failure is not None:
@@ -590,6 +675,12 @@ def derive_status(
         new["jobName"] = job["metadata"]["name"]
     new["conditions"] = conditions_for(status.get("conditions") or [], observed, progress, generation, now)
     preemptions, counted = count_preemptions(status, pods)
+    evicted = _true(workload, "Evicted")
+    if evicted and evicted.get("lastTransitionTime") != status.get("lastEvictionTime"):
+        # Kueue deletes the pod through the Job's suspend (no DisruptionTarget): each eviction of the
+        # Workload counts once, by its time, even when the pod was gone before a reconcile saw it.
+        preemptions += 1
+        new["lastEvictionTime"] = evicted.get("lastTransitionTime")
     new["preemptions"] = preemptions
     if counted:
         new["preemptedPods"] = counted
@@ -624,7 +715,10 @@ def derive_status(
         if isinstance(loss, int | float):
             final["loss"] = round(float(loss), LOSS_DIGITS)
         new["progress"] = {**progress, **final}
-    return {k: v for k, v in new.items() if status.get(k) != v}
+    patch = {k: v for k, v in new.items() if status.get(k) != v}
+    if patch:
+        patch["usage"] = {**usage_now(status, gpus_of(ftj), now), "accountedAt": rfc3339(now)}
+    return patch
 
 
 def early_stop(observed: Observed, summary: dict[str, Any]) -> Observed | None:

@@ -76,10 +76,14 @@ def operator_config(s3: Any, **overrides: Any) -> dict[str, Any]:
 class OperatorProcess:
     """`python -m finetune_operator run` with its own config file and log."""
 
-    def __init__(self, kubeconfig: Path, config: dict[str, Any], workdir: Path) -> None:
+    def __init__(
+        self, kubeconfig: Path, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.config = config
         self.workdir = workdir
+        self.env = env or {}
+        """Extra environment (the platform's storage keys, for storage.sts)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -114,6 +118,7 @@ class OperatorProcess:
         path.write_text(yaml.safe_dump(self.config))
         env = {
             **os.environ,
+            **self.env,
             "KUBECONFIG": str(self.kubeconfig),
             "FINETUNE_OPERATOR_CONFIG": str(path),
             "PYTHONPATH": os.pathsep.join(filter(None, [PYTHONPATH, os.environ.get("PYTHONPATH")])),

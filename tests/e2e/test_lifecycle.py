@@ -491,6 +491,10 @@ FIGURE_KEYS = {"steps_lost", "resumed_from_step", "last_step_before_eviction", "
 # -- the tests --------------------------------------------------------------------------------
 
 
+def condition_time(status: dict[str, Any], kind: str) -> str:
+    return next(c["lastTransitionTime"] for c in status["conditions"] if c["type"] == kind)
+
+
 def status_steps(history: list[Seen]) -> list[int]:
     return [
         v.obj["status"]["progress"]["step"]
@@ -770,11 +774,23 @@ def test_metrics_after_jobs(scenarios: dict[str, Scenario]) -> None:
     assert counted("finetune_operator_checkpoint_duration_seconds_count") >= 1
     assert counted("finetune_operator_progress_reports_total", result="accepted") > 0
     gpu_seconds = sample(after, "finetune_operator_gpu_seconds_total", **job)
+    # 1 GPU x the time status showed Running (status.usage, whole seconds): from the write that
+    # made it Running to the one that made it Succeeded; close to the trainer's own run time.
+    final = happy.status()
+    assert gpu_seconds == final["usage"]["gpuSeconds"]
+    running = next(
+        v.obj["status"] for v in happy.history() if (v.obj.get("status") or {}).get("phase") == "Running"
+    )
+    began = datetime.fromisoformat(condition_time(running, "Running"))
+    ended = datetime.fromisoformat(condition_time(final, "Succeeded"))
+    assert gpu_seconds == pytest.approx((ended - began).total_seconds(), abs=1.0)
     ran = happy.pod_ended(happy.facts["pods"][0])
     runtime = (
         datetime.fromisoformat(ran["finishedAt"]) - datetime.fromisoformat(ran["startedAt"])
     ).total_seconds()
-    assert gpu_seconds == pytest.approx(runtime, abs=2.0)  # 1 GPU x the trainer's run time
+    # The loose check: Succeeded is written after the pod ends by the Job controller's and the
+    # reconcile's lag (6 s once in CI on 2 loaded cores), and Running before the trainer starts.
+    assert gpu_seconds == pytest.approx(runtime, abs=15.0)
     assert sample(after, "finetune_operator_job_step", **job) is None
     # Preemptions, from the operator process that saw one.
     assert (sample(preempted, "finetune_operator_preemptions_total") or 0) >= 1

@@ -318,7 +318,11 @@ def test_pods_that_cannot_be_created(
     assert field in first["message"] and "fails if this lasts" in first["message"], first
     failed = next(c for c in final["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == reason and field in final["message"], final
-    wait("the Job deleted", lambda: faults.jobs(ns) == [], 30)
+    try:
+        wait("the Job deleted", lambda: faults.jobs(ns) == [], 30)
+    except AssertionError as e:
+        lines = [line for line in faults.operator_log().splitlines() if ns in line]
+        raise AssertionError(f"{e}; the operator's lines about {ns}: {lines[-20:]}") from None
 
 
 @pytest.mark.cluster

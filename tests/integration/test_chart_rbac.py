@@ -329,11 +329,11 @@ TAMPERED = {
     ),
     "Secret volume": (
         lambda p: p["volumes"].append({"name": "s", "secret": {"secretName": "anything"}}),
-        "no hostPath, Secret",
+        "no hostPath, other Secret",
     ),
     "projected Secret": (
         lambda p: p["volumes"][2]["projected"]["sources"].append({"secret": {"name": "anything"}}),
-        "no hostPath, Secret",
+        "no hostPath, other Secret",
     ),
     "hostNetwork": (lambda p: p.update(hostNetwork=True), "no host network"),
     "hostPID": (lambda p: p.update(hostPID=True), "no host network, PID"),

@@ -170,6 +170,16 @@ INVALID: dict[str, tuple[dict[str, Any], str, str]] = {
     "hub id pattern": ({"model": {"hub": "unsloth/Qwen3 8B"}}, "spec.model.hub", "should match"),
     "required": ({"data": DROP}, "spec.data", "Required value"),
     "too many GPUs": ({"resources": {"gpus": 17}}, "spec.resources.gpus", "less than or equal to 16"),
+    "truncation share above 1": (
+        {"data": {"maxTruncatedFraction": 1.5}},
+        "spec.data.maxTruncatedFraction",
+        "less than or equal to 1",
+    ),
+    "incomplete rows rule unknown": (
+        {"data": {"incompleteRows": "drop"}},
+        "spec.data.incompleteRows",
+        'supported values: "fail", "skip"',
+    ),
     # CEL
     "two model sources": (
         {"model": {"s3": "s3://models/x/"}},

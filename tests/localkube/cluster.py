@@ -16,6 +16,7 @@ from kubernetes import client, config
 
 from .controlplane import ControlPlane
 from .kubelet import TestKubelet
+from .kueue import Kueue
 
 LOCAL_NODE = "local-gpu-0"
 
@@ -47,13 +48,15 @@ class Cluster:
         self.kwok_nodes = self.control_plane.kwok_nodes
         self.timings = self.control_plane.timings
         self.kubelet: TestKubelet | None = None
+        self.kueue: Kueue | None = None
         self.current_test = ""
         self._namespaces: dict[str, str] = {}
 
     @classmethod
-    def start(cls, workdir: Path, bin_dir: Path, **control_plane: Any) -> Cluster:
+    def start(cls, workdir: Path, bin_dir: Path, *, kueue: bool = False, **control_plane: Any) -> Cluster:
         """Start everything and wait until it is ready; on failure stop what started, then raise.
-        `control_plane`: options of ControlPlane (kwok pool, kwok stages, audit log, ...)."""
+        `kueue`: also run the Kueue manager (start_kueue). `control_plane`: options of ControlPlane
+        (kwok pool, kwok stages, audit log, ...)."""
         cluster = cls(workdir, bin_dir, **control_plane)
         try:
             cluster.control_plane.start()
@@ -69,12 +72,23 @@ class Cluster:
             cluster.kubelet.start()
             cluster.wait("node local-gpu-0 Ready", lambda: cluster._node_ready(LOCAL_NODE))
             cluster.timings["test kubelet"] = time.monotonic() - t0
+            if kueue:
+                cluster.start_kueue()
         except BaseException:
             cluster.stop()
             raise
         return cluster
 
+    def start_kueue(self) -> Kueue:
+        """Start the Kueue manager on this cluster (once; see localkube.kueue)."""
+        if self.kueue is None:
+            self.kueue = Kueue(self.control_plane).start()
+            self.timings.update(self.kueue.timings)
+        return self.kueue
+
     def stop(self) -> None:
+        if self.kueue:
+            self.kueue.stop()
         if self.kubelet:
             self.kubelet.stop()
         self.control_plane.stop()

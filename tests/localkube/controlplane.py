@@ -141,12 +141,16 @@ class ControlPlane:
         )
         return client
 
-    def _https(self, path: str) -> bytes:
-        """GET on the API server as the admin."""
+    def admin_tls(self) -> ssl.SSLContext:
+        """A TLS context trusting the cluster's CA, with the admin's client certificate."""
         ctx = ssl.create_default_context(cafile=str(self.pki.ca.cert))
         admin = self.pki.dir / "localkube-admin"
         ctx.load_cert_chain(f"{admin}.crt", f"{admin}.key")
-        with urllib.request.urlopen(f"{self.server}{path}", context=ctx, timeout=5) as resp:
+        return ctx
+
+    def _https(self, path: str) -> bytes:
+        """GET on the API server as the admin."""
+        with urllib.request.urlopen(f"{self.server}{path}", context=self.admin_tls(), timeout=5) as resp:
             return resp.read()
 
     def _start_apiserver(self, etcd: str) -> Process:

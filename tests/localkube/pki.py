@@ -48,6 +48,13 @@ def _name(common: str, orgs: tuple[str, ...] = ()) -> x509.Name:
     return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 class Pki:
     """Creates the files under `directory` on construction."""
 
@@ -72,6 +79,15 @@ class Pki:
         """A client certificate: CN is the user name, O the groups (as kube-apiserver reads them)."""
         return self._issue(user, groups, server=False)
 
+    def serving(self, common: str, directory: Path, hosts: tuple[str, ...] = ("127.0.0.1",)) -> KeyPair:
+        """A serving certificate for `hosts` (IP addresses or DNS names), as `tls.crt` and `tls.key`
+        in `directory` (the file names controller-runtime's webhook and metrics servers read)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        pair = KeyPair(directory / "tls.crt", directory / "tls.key")
+        key = _write_key(pair.key)
+        self._write_cert(pair.cert, key, _name(common), ca=False, server=True, hosts=hosts)
+        return pair
+
     def _issue(self, common: str, groups: tuple[str, ...], *, server: bool) -> KeyPair:
         stem = common.replace(":", "-")
         pair = KeyPair(self.dir / f"{stem}.crt", self.dir / f"{stem}.key")
@@ -87,6 +103,7 @@ class Pki:
         *,
         ca: bool,
         server: bool = False,
+        hosts: tuple[str, ...] = (*_API_DNS, "127.0.0.1", SERVICE_IP),
     ) -> None:
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -115,7 +132,6 @@ class Pki:
             builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
         builder = builder.add_extension(usage, critical=True)
         if server:
-            names: list[x509.GeneralName] = [x509.DNSName(d) for d in _API_DNS]
-            names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", SERVICE_IP)]
+            names = [_general_name(h) for h in hosts]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         path.write_bytes(builder.sign(self._ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))

@@ -3,21 +3,17 @@ logs attached to the report of a failed cluster test."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from .binaries import BUILD_SCRIPT, bin_dir, missing
 from .cluster import Cluster
-from .procs import tail
+from .kueue import Kueue, kueue_dir, kueue_missing
+from .procs import in_ci, tail
 from .s3 import S3, start_s3
 
 _active: list[Cluster] = []
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +24,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if absent := missing(directory):
         reason = f"control-plane binaries not built ({', '.join(absent)} missing in {directory}): "
         reason += f"run {BUILD_SCRIPT}"
-        if _in_ci():
+        if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
     started = Cluster.start(tmp_path_factory.mktemp("localkube"), directory)
@@ -40,6 +36,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         _active.remove(started)
         started.stop()
+
+
+@pytest.fixture(scope="session")
+def kueue(cluster: Cluster) -> Kueue:
+    """The real Kueue manager on the session's cluster (see localkube.kueue), started on first use
+    and stopped with the cluster. Skipped when not built, unless CI is set."""
+    if kueue_missing():
+        reason = f"the Kueue manager is not built (nothing in {kueue_dir()}): run {BUILD_SCRIPT}"
+        if in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    started = cluster.start_kueue()
+    print(f"\nKueue up: {', '.join(f'{k} {v:.1f}s' for k, v in started.timings.items())}")
+    return started
 
 
 @pytest.fixture(scope="session")

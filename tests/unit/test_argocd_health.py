@@ -86,7 +86,7 @@ def test_every_phase_has_a_case_and_maps_to_argo_status():
     assert seen["Succeeded"] == {"Healthy"}
     assert seen["Failed"] == {"Degraded"}
     assert seen["Suspended"] == {"Suspended"}
-    assert seen["Pending"] == seen["Running"] == {"Progressing"}
+    assert seen["Pending"] == seen["Running"] == seen["Queued"] == seen["Preempted"] == {"Progressing"}
     assert set().union(*seen.values()) <= ARGO_STATUSES
 
 

@@ -237,6 +237,56 @@ def test_watched_namespaces_get_roles_not_a_cluster_role():
     assert operator_config(docs).namespaces == ["team-a", "team-b"]
 
 
+WORKLOADS_RULE = {
+    "apiGroups": ["kueue.x-k8s.io"],
+    "resources": ["workloads"],
+    "verbs": ["get", "list", "watch"],
+}
+
+
+def test_kueue_adds_read_only_workloads_and_reaches_the_config():
+    on = ("--set", "config.kueue.enabled=true", "--set", "config.kueue.defaultQueues.team-a=gpu")
+    docs = helm_template(*on, *CLUSTER_WIDE)
+    assert find(docs, "ClusterRole")["rules"] == [TOKENREVIEW_RULE, *NAMESPACED_RULES, WORKLOADS_RULE]
+    cfg = operator_config(docs)
+    assert cfg.kueue.enabled and cfg.kueue.queue_for("team-a") == "gpu" and cfg.kueue.queue_for("x") is None
+    scoped = helm_template(*on, *SCOPED)
+    assert all(d["rules"] == [*NAMESPACED_RULES, WORKLOADS_RULE] for d in scoped if d["kind"] == "Role")
+    assert WORKLOADS_RULE not in find(helm_template(*CLUSTER_WIDE), "ClusterRole")["rules"]
+
+
+def test_kueue_quota_example_per_team():
+    docs = helm_template(
+        "--set", "kueueQuota.create=true",
+        "--set", "kueueQuota.teams[0].name=team-a", "--set", "kueueQuota.teams[0].namespace=team-a",
+        "--set", "kueueQuota.teams[0].gpus=4",
+        "--set", "kueueQuota.teams[1].name=team-b", "--set", "kueueQuota.teams[1].namespace=team-b",
+        "--set", "kueueQuota.teams[1].gpus=2", "--set", "kueueQuota.teams[1].localQueue=train",
+    )  # fmt: skip
+    assert find(docs, "ResourceFlavor")["metadata"]["name"] == "gpu"
+    queues = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "ClusterQueue"}
+    assert set(queues) == {"team-a", "team-b"}
+    for name, gpus in (("team-a", 4), ("team-b", 2)):
+        cq = queues[name]
+        assert cq["cohortName"] == "finetune"
+        assert cq["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": name}}
+        group = cq["resourceGroups"][0]
+        # Every resource the operator's training pod requests is covered, or Kueue never admits it.
+        assert set(group["coveredResources"]) == {"cpu", "memory", "nvidia.com/gpu"}
+        quota = {r["name"]: r["nominalQuota"] for r in group["flavors"][0]["resources"]}
+        assert quota["nvidia.com/gpu"] == gpus
+    local = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d["spec"]
+        for d in docs
+        if d["kind"] == "LocalQueue"
+    }
+    assert local == {
+        ("team-a", "gpu"): {"clusterQueue": "team-a"},
+        ("team-b", "train"): {"clusterQueue": "team-b"},
+    }
+    assert "ClusterQueue" not in {d["kind"] for d in helm_template()}
+
+
 def test_trainer_pod_selectors_match_the_operators_labels():
     """NetworkPolicy and PodMonitor select training pods by the labels the operator puts on them."""
     docs = helm_template(*EVERYTHING)
@@ -289,3 +339,52 @@ def test_kubernetes_older_than_1_30_is_refused():
     done = run_helm("template", "x", str(CHART), "--kube-version", "v1.29.9")
     assert done.returncode != 0 and "kubeVersion" in done.stderr
     assert run_helm("template", "x", str(CHART), "--kube-version", "v1.30.0").returncode == 0
+
+
+STS = (
+    "--set", "config.storage.uri=s3://ml-artifacts/finetune",
+    "--set", "config.storage.sts.enabled=true",
+    "--set", "config.storage.sts.credentialsSecret=platform-s3",
+    "--set", "config.resyncSeconds=60",
+)  # fmt: skip
+
+
+def test_sts_grants_write_only_secret_rights_and_admits_only_the_jobs_own_secret():
+    """Scoped storage credentials (config.storage.sts): the operator gets create/update/delete on
+    Secrets and never get/list/watch; the platform's keys reach only the operator's container; the
+    Job policy admits exactly the `<job>-storage` Secret volume, and a Secret policy binds the
+    operator's writes to such Secrets."""
+    docs = helm_template(*STS, *SCOPED)
+    config = operator_config(docs)
+    assert config.storage.sts.enabled and config.storage.sts.credentials_secret == "platform-s3"
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert role["rules"] == [
+            *NAMESPACED_RULES,
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "update", "delete"]},
+        ]
+    env = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert refs == {
+        "AWS_ACCESS_KEY_ID": {"name": "platform-s3", "key": "AWS_ACCESS_KEY_ID"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "platform-s3", "key": "AWS_SECRET_ACCESS_KEY"},
+    }
+    jobs = find(docs, "ValidatingAdmissionPolicy", f"{FULLNAME}-jobs")
+    volumes = next(v["expression"] for v in jobs["spec"]["validations"] if "volumes" in v["expression"])
+    assert "v.secret.secretName == object.metadata.name + '-storage'" in volumes
+    secrets = find(docs, "ValidatingAdmissionPolicy", f"{FULLNAME}-credentials")
+    assert secrets["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["secrets"]
+    assert find(docs, "ValidatingAdmissionPolicyBinding", f"{FULLNAME}-credentials")
+
+    plain = helm_template(*SCOPED)
+    assert not [d for d in plain if d["metadata"]["name"] == f"{FULLNAME}-credentials"]
+    volumes = next(
+        v["expression"]
+        for v in find(plain, "ValidatingAdmissionPolicy", f"{FULLNAME}-jobs")["spec"]["validations"]
+        if "volumes" in v["expression"]
+    )
+    assert "secret" not in volumes
+    assert "AWS_ACCESS_KEY_ID" not in json.dumps(find(plain, "Deployment"))

@@ -223,6 +223,30 @@ def test_suspend_and_kueue() -> None:
     assert job_spec_patch(ftj(queueName="gpu-queue", suspend=True), admitted) == {"spec": {"suspend": True}}
 
 
+def test_platform_default_queue_and_priorities() -> None:
+    cfg = CFG.model_copy(
+        update={"kueue": CFG.kueue.model_copy(update={"default_queues": {"ml": "team-ml", "*": "shared"}})}
+    )
+    labels = lambda job: job["metadata"]["labels"]  # noqa: E731
+    # The namespace's default queue, else the catch-all; the job's own queueName wins.
+    other = build_job(ftj(), cfg)
+    assert labels(other)["kueue.x-k8s.io/queue-name"] == "shared" and other["spec"]["suspend"] is True
+    in_ml = ftj()
+    in_ml["metadata"]["namespace"] = "ml"
+    assert labels(build_job(in_ml, cfg))["kueue.x-k8s.io/queue-name"] == "team-ml"
+    assert labels(build_job(ftj(queueName="mine"), cfg))["kueue.x-k8s.io/queue-name"] == "mine"
+    # Without defaults nothing is queued.
+    assert "kueue.x-k8s.io/queue-name" not in labels(build_job(ftj(), CFG))
+    # A default-queued Job, admitted by Kueue: suspend stays Kueue's (the Job's label says so).
+    admitted = {**other, "spec": {**other["spec"], "suspend": False}}
+    assert job_spec_patch(ftj(), admitted) is None
+    # Both priorities pass through: the pod's PriorityClass and Kueue's WorkloadPriorityClass.
+    job = build_job(ftj(queueName="q", priorityClassName="high", workloadPriorityClassName="urgent"), CFG)
+    assert job["spec"]["template"]["spec"]["priorityClassName"] == "high"
+    assert labels(job)["kueue.x-k8s.io/priority-class"] == "urgent"
+    assert "kueue.x-k8s.io/priority-class" not in labels(build_job(ftj(queueName="q"), CFG))
+
+
 def test_spec_patch_follows_suspend_and_deadline() -> None:
     job = build_job(ftj(), CFG)
     assert job_spec_patch(ftj(), job) is None

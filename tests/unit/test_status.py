@@ -121,7 +121,106 @@ def test_suspended_and_kueue_queued() -> None:
     p = derive_status(ftj(suspend=True), job(suspend=True), [], None, NOW)
     assert (p["phase"], by_type(p)["Suspended"]["reason"]) == ("Suspended", "Suspended")
     p = derive_status(ftj(queueName="q"), job(suspend=True), [], None, NOW)
-    assert (p["phase"], by_type(p)["Running"]["reason"]) == ("Pending", "Queued")
+    assert (p["phase"], by_type(p)["Running"]["reason"]) == ("Queued", "WorkloadPending")
+
+
+def queued_job(suspend: bool, queue: str = "team-a") -> dict:
+    j = job(suspend=suspend)
+    j["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": queue}
+    return j
+
+
+def workload(*conditions: dict) -> dict:
+    return {"metadata": {"name": "job-j-1"}, "status": {"conditions": list(conditions)}}
+
+
+def kcond(kind: str, status: str, reason: str, message: str) -> dict:
+    return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": T0}
+
+
+PREEMPTED = (
+    "Preempted to accommodate a workload (UID: w2, JobUID: j2) due to prioritization in the ClusterQueue"
+)
+
+
+def test_kueue_lifecycle_queued_running_preempted_queued_running() -> None:
+    """A job whose Job carries a queue label (the platform's default queue here: the spec names
+    none) through Kueue's states, as its Workload shows them."""
+    f = ftj()
+    # Waiting: Kueue's own reason and message.
+    wait = kcond(
+        "QuotaReserved",
+        "False",
+        "Pending",
+        "couldn't assign flavors to pod set main: "
+        "insufficient unused quota for nvidia.com/gpu in flavor gpu, 1 more needed",
+    )
+    p = derive_status(f, queued_job(True), [], None, NOW, workload=workload(wait))
+    assert p["phase"] == "Queued" and by_type(p)["Running"]["reason"] == "Pending"
+    assert "LocalQueue team-a" in p["message"] and "1 more needed" in p["message"]
+    f = apply(f, p)
+    # Admitted: Kueue unsuspends the Job, the pod runs.
+    admitted = workload(
+        kcond("QuotaReserved", "True", "QuotaReserved", "Quota reserved in ClusterQueue gpu"),
+        kcond("Admitted", "True", "Admitted", "The workload is admitted"),
+    )
+    t1 = NOW + timedelta(seconds=30)
+    p = derive_status(f, queued_job(False), [pod()], None, t1, workload=admitted)
+    assert p["phase"] == "Running" and p["usage"]["queuedSeconds"] == 30.0
+    assert transition(f["status"], p) == ("Queued", "Running")
+    f = apply(f, p)
+    # Preempted: Evicted (reason Preempted) while the pod stops; the Event carries Kueue's message.
+    evicted = workload(*admitted["status"]["conditions"], kcond("Evicted", "True", "Preempted", PREEMPTED))
+    t2 = t1 + timedelta(seconds=100)
+    stopping = pod(phase="Running")
+    p = derive_status(f, queued_job(True), [stopping], None, t2, workload=evicted)
+    assert p["phase"] == "Preempted" and by_type(p)["Running"]["reason"] == "Preempted"
+    assert PREEMPTED in p["message"] and p["preemptions"] == 1
+    assert p["usage"] == {"gpuSeconds": 100.0, "queuedSeconds": 30.0, "accountedAt": "2025-03-01T12:02:10Z"}
+    f = apply(f, p)
+    assert derive_status(f, queued_job(True), [stopping], None, t2, workload=evicted) == {}  # counted once
+    # The pod is gone, the quota released: Queued again (still evicted: says it resumes).
+    requeued = workload(
+        kcond("QuotaReserved", "False", "Pending", PREEMPTED),
+        kcond("Evicted", "True", "Preempted", PREEMPTED),
+    )
+    t3 = t2 + timedelta(seconds=5)
+    p = derive_status(f, queued_job(True), [], None, t3, workload=requeued)
+    assert p["phase"] == "Queued" and "resumes from its checkpoint" in p["message"]
+    assert p["usage"]["gpuSeconds"] == 100.0 and "preemptions" not in p  # unchanged
+    f = apply(f, p)
+    # Admitted again: Running; nothing counted twice, time queued added.
+    t4 = t3 + timedelta(seconds=20)
+    p = derive_status(f, queued_job(False), [pod("p2")], None, t4, workload=admitted)
+    assert p["phase"] == "Running" and p["usage"]["queuedSeconds"] == 50.0
+    assert f["status"]["preemptions"] == 1 and "preemptions" not in p
+
+
+def test_kueue_missing_local_queue_names_it() -> None:
+    missing = kcond("QuotaReserved", "False", "Inadmissible", "LocalQueue nosuch doesn't exist")
+    p = derive_status(
+        ftj(queueName="nosuch"), queued_job(True, "nosuch"), [], None, NOW, workload=workload(missing)
+    )
+    assert p["phase"] == "Queued" and by_type(p)["Running"]["reason"] == "Inadmissible"
+    assert "LocalQueue nosuch doesn't exist" in p["message"]
+    assert "create LocalQueue nosuch (namespace ns)" in p["message"]
+
+
+def test_usage_is_written_only_with_other_changes() -> None:
+    f = apply(ftj(), derive_status(ftj(), job(), [pod()], None, NOW))
+    assert f["status"]["usage"] == {
+        "gpuSeconds": 0.0,
+        "queuedSeconds": 0.0,
+        "accountedAt": "2025-03-01T12:00:00Z",
+    }
+    later = NOW + timedelta(seconds=40, microseconds=700_000)
+    assert derive_status(f, job(), [pod()], None, later) == {}  # nothing else changed: no write
+    report = {"step": 3, "totalSteps": 10, "loss": 1.5, "reportedAt": "2025-03-01T12:00:40Z"}
+    p = derive_status(f, job(), [pod()], report, later)
+    assert p["usage"]["gpuSeconds"] == 40.0  # 1 GPU x 40 s (whole seconds: intervals tile exactly)
+    f2 = ftj(resources={"gpus": 4})
+    f2 = apply(f2, derive_status(f2, job(), [pod()], None, NOW))
+    assert derive_status(f2, job(), [pod()], report, later)["usage"]["gpuSeconds"] == 160.0
 
 
 def test_config_error_names_the_field_from_the_termination_message() -> None:
@@ -393,6 +492,23 @@ def test_early_stop_succeeds_with_the_reason_and_the_steps_it_ran() -> None:
     assert p["phase"] == "Succeeded" and reason in p["message"]
     assert by_type(p)["Succeeded"]["reason"] == "EarlyStopped" and by_type(p)["Ready"]["status"] == "True"
     assert p["progress"]["step"] == 30 and p["progress"]["percent"] == 50.0
+
+
+def test_kueue_eviction_counts_once_even_when_the_pod_was_gone_unseen() -> None:
+    """The operator may first look after the evicted pod is gone: the job is then Queued at once,
+    and the eviction still counts (once, by the Evicted condition's time)."""
+    f = apply(
+        ftj(queueName="gpu"), derive_status(ftj(queueName="gpu"), queued_job(False), [pod()], None, NOW)
+    )
+    evicted = kcond("Evicted", "True", "Preempted", PREEMPTED)
+    requeued = workload(kcond("QuotaReserved", "False", "Pending", PREEMPTED), evicted)
+    p = derive_status(f, queued_job(True), [], None, NOW, workload=requeued)
+    assert p["phase"] == "Queued" and p["preemptions"] == 1 and p["lastEvictionTime"] == T0
+    f = apply(f, p)
+    assert "preemptions" not in derive_status(f, queued_job(True), [pod("p2")], None, NOW, workload=requeued)
+    # A second eviction, later, counts again.
+    again = workload({**evicted, "lastTransitionTime": "2025-03-01T11:30:00Z"})
+    assert derive_status(f, queued_job(True), [], None, NOW, workload=again)["preemptions"] == 2
 
 
 def test_data_parallel_progress_shows_each_ranks_gpu_memory() -> None:

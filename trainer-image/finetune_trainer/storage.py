@@ -5,8 +5,9 @@ Both stores make a written object appear whole or not at all: S3 by its own sema
 store by writing a temporary file and renaming it over the key.
 
 S3 credentials come from the standard AWS chain (environment variables on the cluster, filled from
-a Secret by the operator); they are never logged, and `repr()` shows only bucket, prefix and
-endpoint.
+a Secret by the operator), or, when `FINETUNE_S3_CREDENTIALS_FILE` names one, from a file of
+short-lived credentials that the operator renews (`storage.sts`); they are never logged, and `repr()`
+shows only bucket, prefix and endpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -27,9 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import boto3
+import botocore.session
 from boto3.s3.transfer import TransferConfig
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
+from botocore.credentials import CredentialProvider, RefreshableCredentials
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.model import ServiceModel
 from botocore.retries.standard import (
@@ -328,11 +332,55 @@ rule decides a StorageError's `retryable`."""
 _SESSION_LOCK = threading.Lock()
 
 
+CREDENTIALS_FILE_ENV = "FINETUNE_S3_CREDENTIALS_FILE"
+"""A JSON file in the `credential_process` format (AccessKeyId, SecretAccessKey, SessionToken,
+Expiration): the operator's per-job scoped credentials, mounted from a Secret it renews."""
+
+
+class FileCredentialProvider(CredentialProvider):  # type: ignore[misc]
+    """Temporary credentials from a file that is replaced before they expire (a mounted Secret
+    that the kubelet updates in place). botocore re-reads it when the credentials it holds come
+    within 15 minutes of their expiry (its advisory refresh; at 10 minutes a failed read fails the
+    request), so a long job keeps working across renewals without restarting."""
+
+    METHOD = "finetune-credentials-file"
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def _read(self) -> dict[str, str]:
+        try:
+            doc = json.loads(Path(self.path).read_text())
+            return {
+                "access_key": doc["AccessKeyId"],
+                "secret_key": doc["SecretAccessKey"],
+                "token": doc["SessionToken"],
+                "expiry_time": doc["Expiration"],
+            }
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(
+                "storage",
+                f"cannot read the S3 credentials file {self.path} ({CREDENTIALS_FILE_ENV}): "
+                f"{type(e).__name__}: {e}",
+            ) from None
+
+    def load(self) -> RefreshableCredentials:
+        return RefreshableCredentials.create_from_metadata(
+            metadata=self._read(), refresh_using=self._read, method=self.METHOD
+        )
+
+
 @functools.cache
 def _shared_session() -> boto3.session.Session:
     """One boto3 session per process: building one loads the service models (a third of a second),
-    and sessions are not thread-safe, so clients are created from it under _SESSION_LOCK."""
-    return boto3.session.Session()
+    and sessions are not thread-safe, so clients are created from it under _SESSION_LOCK. With
+    CREDENTIALS_FILE_ENV set, the file's credentials come first in the chain."""
+    core = botocore.session.get_session()
+    path = os.environ.get(CREDENTIALS_FILE_ENV)
+    if path:
+        core.get_component("credential_provider").insert_before("env", FileCredentialProvider(path))
+    return boto3.session.Session(botocore_session=core)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

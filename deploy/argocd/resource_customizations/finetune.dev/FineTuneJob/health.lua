@@ -72,9 +72,9 @@ elseif phase == "Running" then
   if status.preemptions ~= nil and status.preemptions > 0 then
     hs.message = hs.message .. " (preempted " .. int(status.preemptions) .. " times)"
   end
-elseif phase == "Pending" then
+elseif phase == "Pending" or phase == "Queued" or phase == "Preempted" then
   hs.status = "Progressing"
-  hs.message = message or "Pending"
+  hs.message = message or phase
 else
   hs.status = "Unknown"
   hs.message = "Unknown phase " .. tostring(phase)
