@@ -121,6 +121,7 @@ def test_an_allowed_s3_source_is_not_refused(faults: FaultEnv, s3: Any) -> None:
     ns = faults.namespace("attack-ok")
     faults.create(ns, [ftj("fine", {**KWOK_JOB, "model": {"s3": f"s3://{s3.bucket}/{BASE_MODELS}/qwen/"}})])
     wait("its Job", lambda: [j for j in faults.jobs(ns) if j["metadata"]["name"] == "fine"], 60)
+
     # The Job is created before the status that names it is written: wait for that status too.
     def phased() -> dict[str, Any] | None:
         status = faults.get(ns, "fine").get("status") or {}
