@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 import yaml
 from finetune_operator.api import FineTuneJobSpec
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.jobfile import parse_job
+from kubernetes import client
 
 pytestmark = pytest.mark.cluster
 
@@ -263,6 +266,46 @@ def test_invalid_jobs_are_refused_naming_the_field(kube: Any, patch: dict, field
     assert result.returncode != 0, f"accepted: {patch}"
     assert field in result.stderr, result.stderr
     assert message in result.stderr, result.stderr
+
+
+# name -> (patch, the unknown field's path as both sides name it, the trainer's hint)
+UNKNOWN_KEYS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "snake_case nested": (
+        {"model": {"max_seq_length": 128}},
+        "spec.model.max_seq_length",
+        "did you mean maxSeqLength?",
+    ),
+    "snake_case top level": (
+        {"active_deadline_seconds": 60},
+        "spec.active_deadline_seconds",
+        "did you mean activeDeadlineSeconds?",
+    ),
+    "typo": ({"model": {"maxSeqLen": 128}}, "spec.model.maxSeqLen", "did you mean maxSeqLength?"),
+}
+
+
+@pytest.mark.parametrize(("patch", "field", "hint"), UNKNOWN_KEYS.values(), ids=UNKNOWN_KEYS.keys())
+def test_unknown_keys_are_refused_by_the_api_server_and_the_trainer_alike(
+    kube: Any, patch: dict, field: str, hint: str
+) -> None:
+    """Strict field validation (kubectl's default) refuses the key naming its path, but without a
+    hint: only the trainer's parser (`python -m finetune_trainer preflight`) says what was meant.
+    A client that does not ask for strict validation gets the job with the key dropped."""
+    obj = manifest("unknown-key", patch)
+    strict = apply(kube, obj, "--dry-run=server")
+    assert strict.returncode != 0
+    assert f'unknown field "{field}"' in strict.stderr, strict.stderr
+    with pytest.raises(ConfigError) as e:
+        parse_job(obj)
+    assert e.value.field == field
+    assert hint in e.value.message, str(e.value)
+
+    # The API server's own default (a client that sends no fieldValidation) drops the key.
+    with kube.api_client() as api:
+        created = client.CustomObjectsApi(api).create_namespaced_custom_object(
+            "finetune.dev", "v1alpha1", kube.namespace, "finetunejobs", obj, dry_run="All"
+        )
+    assert parse_job(created).spec == parse_job(manifest("unknown-key")).spec
 
 
 def test_server_defaults_equal_the_model_defaults(kube: Any) -> None:

@@ -128,11 +128,25 @@ def test_examples_load(path: Path) -> None:
 
 SPEC_HINTS = [
     # (spec fragment, field named, text the message must carry)
+    # snake_case, as pydantic's Python names would read: refused as the API server refuses them
     ({"lora": {"target_modules": ["q_proj"]}}, "spec.lora.target_modules", "did you mean targetModules?"),
     ({"model": {"hub": "m/x", "max_seq_length": 128}}, "spec.model.max_seq_length", "maxSeqLength?"),
-    ({"trainig": {}}, "spec.trainig", "did you mean training?"),
+    ({"data": {"validation": {"max_rows": 8}}}, "spec.data.validation.max_rows", "did you mean maxRows?"),
+    ({"max_grad_norm": 1.0}, "spec.max_grad_norm", "valid fields are model, data"),
+    # a Kubernetes-only key is hinted at too, though the trainer drops it unread
+    ({"node_selector": {"gpu": "h100"}}, "spec.node_selector", "did you mean nodeSelector?"),
+    ({"storage": {"credentials_secret": "s3"}}, "spec.storage.credentials_secret", "credentialsSecret?"),
+    # a snake_case typo is compared in camelCase
+    ({"model": {"hub": "m/x", "max_seq_len": 128}}, "spec.model.max_seq_len", "did you mean maxSeqLength?"),
+    ({"trainig": {}}, "spec.trainig", "did you mean training or tracking?"),  # closest first
     ({"lora": {"rank": 8}}, "spec.lora.rank", "valid fields are r, alpha"),
     ({"training": {"learningRat": 1e-4}}, "spec.training.learningRat", "did you mean learningRate?"),
+    ({"training": {"maxsteps": 5}}, "spec.training.maxsteps", "did you mean maxSteps?"),
+    (
+        {"export": {"push": {"repo": "a/b", "tokenSecretRef": {"name": "t", "key": "k"}, "privat": True}}},
+        "spec.export.push.privat",
+        "did you mean private?",
+    ),
     ({"data": {"valdation": {"fraction": 0.1}}}, "spec.data.valdation", "did you mean validation?"),
     ({"zzzz": 1}, "spec.zzzz", "valid fields are model, data"),
     # The same words as the CRD's rule at kubectl apply (a relative path, a one-letter bucket).
@@ -150,3 +164,35 @@ def test_unknown_and_snake_case_keys_are_refused_with_the_closest_name(fragment,
         jobfile.parse_job(spec)
     assert e.value.field == field
     assert hint in e.value.message
+
+
+def test_an_unknown_manifest_key_is_refused_with_the_closest_name() -> None:
+    doc = {**manifest(MINIMAL), "sepc": {}}
+    with pytest.raises(ConfigError) as e:
+        jobfile.parse_job(doc)
+    assert str(e.value) == "sepc: unknown field; did you mean spec?"
+    with pytest.raises(ConfigError) as e:
+        jobfile.parse_job({**manifest(MINIMAL), "labels": {}})
+    assert str(e.value) == "labels: unknown field; valid fields are apiVersion, kind, metadata, spec, status"
+
+
+def test_the_crd_spelling_is_accepted_and_means_what_python_names_mean() -> None:
+    camel = {**MINIMAL, "model": {"hub": "m/x", "maxSeqLength": 128}, "lora": {"useRslora": True}}
+    job = jobfile.parse_job(camel)
+    assert job.spec.model.max_seq_length == 128 and job.spec.lora.use_rslora is True
+    assert job.spec == TrainingSpec(
+        model={"hub": "m/x", "max_seq_length": 128}, data=MINIMAL["data"], lora={"use_rslora": True}
+    )
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: p.name)
+def test_a_file_reads_the_same_on_a_workstation_and_in_the_operator(path: Path) -> None:
+    """The manifest, its bare spec, and the operator's reading of it (training part) are one spec."""
+    from finetune_operator.api import FineTuneJobSpec
+
+    doc = yaml.safe_load(path.read_text())
+    job = jobfile.parse_job(doc)
+    assert jobfile.parse_job(doc["spec"]).spec == job.spec
+    operator = FineTuneJobSpec.model_validate(doc["spec"], by_alias=True, by_name=False)
+    wire = jobfile.training_part(operator.model_dump(by_alias=True))
+    assert TrainingSpec.model_validate(wire, by_alias=True, by_name=False) == job.spec

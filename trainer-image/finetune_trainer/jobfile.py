@@ -2,7 +2,9 @@
 
 The trainer validates only the training part (`TrainingSpec`). The fields that only Kubernetes
 needs are accepted and dropped here, so the very same job.yaml runs on a workstation; a test keeps
-the lists below equal to what `finetune_operator.api` adds.
+the lists below equal to what `finetune_operator.api` adds. Keys are read as the API server reads
+them, camelCase only; an unknown one is refused with the closest valid names, which the API server
+cannot give.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, TrainingSpec
+from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, StorageSpec, TrainingSpec
 
 KUBERNETES_ONLY_FIELDS = frozenset(
     {
@@ -38,6 +41,15 @@ KUBERNETES_ONLY_FIELDS = frozenset(
 
 KUBERNETES_ONLY_STORAGE_FIELDS = frozenset({"credentialsSecret", "deleteOnJobDeletion"})
 """spec.storage fields the operator reads and the trainer ignores."""
+
+MANIFEST_FIELDS = ["apiVersion", "kind", "metadata", "spec", "status"]
+"""Top-level keys of a manifest; any other is refused, as the API server does."""
+
+_DROPPED: dict[type[BaseModel], frozenset[str]] = {
+    TrainingSpec: KUBERNETES_ONLY_FIELDS,
+    StorageSpec: KUBERNETES_ONLY_STORAGE_FIELDS,
+}
+"""Keys the CRD accepts that the trainer drops, by the model beside which they are written."""
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAMED = re.compile(r"^([A-Za-z][\w.]*): (.+)$", re.DOTALL)
@@ -78,6 +90,9 @@ def parse_job(doc: Any) -> Job:
             raise ConfigError("apiVersion", f"expected {expected_api}, got {doc.get('apiVersion')!r}")
         if doc.get("kind") != KIND:
             raise ConfigError("kind", f"expected {KIND}, got {doc.get('kind')!r}")
+        unknown = [str(k) for k in doc if k not in MANIFEST_FIELDS]
+        if unknown:
+            raise ConfigError(unknown[0], "unknown field" + unknown_key_hint(unknown[0], MANIFEST_FIELDS))
         metadata = doc.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise ConfigError("metadata", "expected a mapping")
@@ -140,8 +155,9 @@ def _problem(error: Any, prefix: str) -> tuple[str, str]:
 
 
 def _closest_hint(loc: tuple[int | str, ...]) -> str:
-    """`; did you mean X?` for an unknown key at `loc`, X the closest field name of the model
-    that holds it (difflib; a snake_case key maps to its camelCase name); '' when none is close."""
+    """The hint for an unknown key at `loc`: the keys the object that holds it accepts (its
+    model's camelCase names, plus the Kubernetes-only ones the trainer drops), or '' when that
+    object is not a model."""
     model: Any = TrainingSpec
     for part in loc[:-1]:
         if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
@@ -153,12 +169,19 @@ def _closest_hint(loc: tuple[int | str, ...]) -> str:
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return ""
     names = [f.alias or n for n, f in model.model_fields.items()]
-    key = str(loc[-1])
-    camel = {n: f.alias for n, f in model.model_fields.items() if f.alias}
-    if key in camel:
-        return f"; did you mean {camel[key]}? (keys are camelCase, as in the CRD)"
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else f"; valid fields are {', '.join(names)}"
+    return unknown_key_hint(str(loc[-1]), names + sorted(_DROPPED.get(model, ())))
+
+
+def unknown_key_hint(key: str, allowed: list[str]) -> str:
+    """`; did you mean X?` with the closest of `allowed` (difflib), or the list of `allowed` when
+    none is close. A snake_case key is compared in camelCase, so `max_seq_len` finds maxSeqLength."""
+    camel = to_camel(key) if "_" in key else key
+    if camel in allowed:
+        return f"; did you mean {camel}? (keys are camelCase, as in the CRD)"
+    close = difflib.get_close_matches(camel, allowed, n=3, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(close)}?"
+    return f"; valid fields are {', '.join(allowed)}"
 
 
 def _model_of(annotation: Any) -> Any:
