@@ -51,6 +51,12 @@ MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}"
+mkdir -p "$cache"
+# One build at a time per cache: the tests call this script for the binaries they use (helm, the
+# consumers), and two checkouts on one machine share the cache. Two concurrent builds of the same
+# binaries double the 15 minutes on 2 cores; the second now waits, then finds them built.
+exec 9>"$cache/.cluster-bins.lock"
+flock 9
 
 build_consumers() {
   local out="$cache/consumers/bin" name stamp start
