@@ -139,12 +139,13 @@ def _free_port() -> int:
 
 
 class Receiver:
-    """A real HTTP server recording the reports it gets; answers `status`."""
+    """A real HTTP server recording the reports it gets; answers `first` in turn, then `status`."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, first: tuple[int, ...] = ()) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.auth: list[str | None] = []
         self.status = status
+        self.first = list(first)
         self.got = threading.Event()
         receiver = self
 
@@ -153,7 +154,7 @@ class Receiver:
                 length = int(self.headers["Content-Length"])
                 receiver.bodies.append(json.loads(self.rfile.read(length)))
                 receiver.auth.append(self.headers.get("Authorization"))
-                self.send_response(receiver.status)
+                self.send_response(receiver.first.pop(0) if receiver.first else receiver.status)
                 self.end_headers()
                 receiver.got.set()
 
@@ -190,6 +191,23 @@ def test_reports_carry_the_token_and_an_increasing_sequence(receiver: Receiver, 
         last["step"] == 4 and last["phase"] == "Succeeded" and last["job"] == {"name": "j", "namespace": "ns"}
     )
     assert last["reportedAt"].endswith("Z")
+
+
+@pytest.mark.parametrize(("first", "sent"), [((503, 503), 3), ((403,), 1), ((503,) * 9, 5)])
+def test_the_last_report_is_sent_again_only_while_a_standby_answers(
+    first: tuple[int, ...], sent: int
+) -> None:
+    """503 is a standby replica of the operator (only the leader takes reports): the last report,
+    the only one with the samples, goes again; a refusal (403) is final; the retries are bounded."""
+    receiver = Receiver(first=(200, *first))
+    try:
+        reporter = Reporter(receiver.url, ProgressState(step=9).snapshot, {}, 3600).start()
+        assert receiver.got.wait(5)  # the thread's first report, accepted
+        reporter.close()
+    finally:
+        receiver.httpd.shutdown()
+    assert [b["sequence"] for b in receiver.bodies] == list(range(1, sent + 2))
+    assert all(b["step"] == 9 for b in receiver.bodies)
 
 
 def test_report_failures_are_logged_without_the_token(

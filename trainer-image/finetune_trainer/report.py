@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 10.0
 FAILURE_LOG_INTERVAL = 60.0
 TIMEOUT = 5.0
+FINAL_ATTEMPTS = 5
+"""Sends of the last report while the operator answers 503: a standby replica got it (only the
+leader takes reports), and the Service's next connection may reach the leader."""
+FINAL_RETRY_SECONDS = 0.2
 
 
 class Reporter:
@@ -54,6 +58,8 @@ class Reporter:
         self.token_file = token_file
         self.sequence = 0
         self.sent = 0
+        self.last_code: int | None = None
+        """The HTTP status of the last refused send (None: accepted, or no answer)."""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._send_lock = threading.Lock()
@@ -69,10 +75,15 @@ class Reporter:
         self._wake.set()
 
     def close(self, timeout: float = TIMEOUT) -> None:
+        """Stop the thread and send the last report, again while a standby answers it: it carries
+        what only the end of a run has (the samples, the final checkpoint list)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        self.send_once()
+        for _ in range(FINAL_ATTEMPTS):
+            if self.send_once() or self.last_code != 503:
+                return
+            time.sleep(FINAL_RETRY_SECONDS)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -84,6 +95,7 @@ class Reporter:
         """One POST; True when the operator accepted it."""
         with self._send_lock:
             self.sequence += 1
+            self.last_code = None
             try:
                 body = build_report(self.snapshot(), self.sequence, self.job, datetime.now(UTC))
             except ReportError as e:
@@ -96,6 +108,8 @@ class Reporter:
                 with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
                     response.read()
             except (urllib.error.URLError, OSError, ValueError) as e:
+                if isinstance(e, urllib.error.HTTPError):
+                    self.last_code = e.code
                 self._failed(e)
                 return False
             self.sent += 1
