@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from finetune_operator.config import OperatorConfig
 from finetune_operator.handlers import Controller
 from finetune_operator.metrics import OperatorMetrics
@@ -166,3 +167,39 @@ def test_a_held_back_report_goes_out_with_the_next_reconcile_whatever_woke_it() 
         return controller.wrote
 
     assert asyncio.run(scenario()) == [1, 2]
+
+
+def test_a_standby_refuses_reports_before_any_token_review() -> None:
+    """Nothing a standby buffered would reach status (it does not reconcile): it says so with 503,
+    which the trainer's last report is sent again on (report.FINAL_ATTEMPTS)."""
+
+    async def scenario() -> tuple[int, str | None, dict[str, Any]]:
+        book = ProgressBook()
+        metrics = OperatorMetrics()
+        service = ProgressService(
+            None,  # type: ignore[arg-type]  # never reached: a standby asks no TokenReview
+            metrics,
+            book,
+            Reconciles(book),
+            interval=1.0,
+            storage_prefix=lambda _: "s3://b/ns/j/",
+            limiter=None,  # type: ignore[arg-type]
+            leading=lambda: False,
+        )
+        async with TestClient(TestServer(service.app())) as client:
+            answer = await client.post(
+                "/v1/namespaces/ns/finetunejobs/j/progress",
+                json=report(1),
+                headers={"Authorization": "Bearer t"},
+            )
+            assert book.latest(KEY) is None
+            assert (
+                metrics.registry.get_sample_value(
+                    "finetune_operator_progress_reports_total", {"result": "standby"}
+                )
+                == 1
+            )
+            return answer.status, answer.headers.get("Retry-After"), await answer.json()
+
+    status, retry, body = asyncio.run(scenario())
+    assert status == 503 and retry == "1" and "standby" in body["error"]
