@@ -15,7 +15,9 @@ Accepted reports are buffered (`ProgressBook`, the newest per job) and the job's
 otherwise once `statusWriteIntervalSeconds` have passed since the last write of a report. This
 module never writes status: the reconcile alone does (handlers.py), reading the newest buffered
 report, so a report is never dropped, only coalesced with the ones after it. Only the replica that
-reconciles (the Lease holder) accepts reports; a standby answers 503 and the trainer sends again.
+reconciles (the Lease holder) accepts reports. A standby checks and buffers them like the leader
+(its book is written by its own reconciles if it takes over, as when the leader died just before a
+trainer's last report) but answers 503, so the trainer sends again and a live leader gets it.
 """
 
 from __future__ import annotations
@@ -342,6 +344,13 @@ class ProgressService:
         if not self.book.offer(key, report):
             self.metrics.progress_reports.labels("stale").inc()
             return web.json_response({"accepted": False, "reason": "stale"}, status=200)
+        if not self.leading():
+            # Kept, and written if this replica takes over (a leader that died: the e2e kills one),
+            # but a standby does not reconcile: 503, so the trainer sends again and a live leader
+            # (the Service's next connection) writes it.
+            response = self._reject("standby", 503, "this replica is a standby; send again")
+            response.headers["Retry-After"] = "1"
+            return response
         self.metrics.progress_reports.labels("accepted").inc()
         self.wake(key)
         return web.json_response({"accepted": True}, status=202)
@@ -366,13 +375,7 @@ class ProgressService:
         self, request: web.Request, namespace: str, name: str
     ) -> tuple[web.Response | None, tuple[dict[str, Any], dict[str, Any]] | None]:
         """(a refusal, None), or (None, (the FineTuneJob, its current Job)) when the request comes
-        from the live pod of that Job: a standby refuses at once (it does not reconcile, so nothing
-        it buffered would reach status), then the rate limit per source, TokenReview and
-        source_refusal."""
-        if not self.leading():
-            response = self._reject("standby", 503, "this replica is a standby; send again")
-            response.headers["Retry-After"] = "1"
-            return response, None
+        from the live pod of that Job: the rate limit per source, TokenReview, then source_refusal."""
         if not self.limiter.allow(request.remote or ""):
             response = self._reject("limited", 429, "too many requests from this address")
             response.headers["Retry-After"] = "1"
