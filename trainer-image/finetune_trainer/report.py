@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 10.0
 FAILURE_LOG_INTERVAL = 60.0
 TIMEOUT = 5.0
-FINAL_ATTEMPTS = 5
-"""Sends of the last report while the operator answers 503: a standby replica got it (only the
-leader takes reports), and the Service's next connection may reach the leader."""
-FINAL_RETRY_SECONDS = 0.2
+FINAL_RETRY_SECONDS = 10.0
+"""How long the last report is sent again while no operator takes it: a standby answered (503; only
+the leader writes reports to status, and the Service's next connection may reach it) or none did
+(the operator restarting). A refusal (4xx) is final."""
+FINAL_RETRY_PAUSE = 1.0
 
 
 class Reporter:
@@ -58,8 +59,8 @@ class Reporter:
         self.token_file = token_file
         self.sequence = 0
         self.sent = 0
-        self.last_code: int | None = None
-        """The HTTP status of the last refused send (None: accepted, or no answer)."""
+        self.retryable = False
+        """Whether the last send failed for want of a leading operator (503, or no answer)."""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._send_lock = threading.Lock()
@@ -74,16 +75,21 @@ class Reporter:
         """Send soon, without waiting for the interval."""
         self._wake.set()
 
-    def close(self, timeout: float = TIMEOUT) -> None:
-        """Stop the thread and send the last report, again while a standby answers it: it carries
-        what only the end of a run has (the samples, the final checkpoint list)."""
+    def close(
+        self,
+        timeout: float = TIMEOUT,
+        retry_for: float = FINAL_RETRY_SECONDS,
+        pause: float = FINAL_RETRY_PAUSE,
+    ) -> None:
+        """Stop the thread and send the last report, again for up to `retry_for` seconds while no
+        leading operator takes it: it carries what only the end of a run has (the samples, the
+        final checkpoint list), and the summary written before it is already safe."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        for _ in range(FINAL_ATTEMPTS):
-            if self.send_once() or self.last_code != 503:
-                return
-            time.sleep(FINAL_RETRY_SECONDS)
+        deadline = time.monotonic() + retry_for
+        while not self.send_once() and self.retryable and time.monotonic() + pause < deadline:
+            time.sleep(pause)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -95,7 +101,7 @@ class Reporter:
         """One POST; True when the operator accepted it."""
         with self._send_lock:
             self.sequence += 1
-            self.last_code = None
+            self.retryable = False
             try:
                 body = build_report(self.snapshot(), self.sequence, self.job, datetime.now(UTC))
             except ReportError as e:
@@ -108,8 +114,7 @@ class Reporter:
                 with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
                     response.read()
             except (urllib.error.URLError, OSError, ValueError) as e:
-                if isinstance(e, urllib.error.HTTPError):
-                    self.last_code = e.code
+                self.retryable = not isinstance(e, urllib.error.HTTPError) or e.code == 503
                 self._failed(e)
                 return False
             self.sent += 1
