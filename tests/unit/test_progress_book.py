@@ -7,6 +7,7 @@ flag), and any reconcile (a Job's completion, a resync) writes the newest buffer
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from typing import Any
 
@@ -15,7 +16,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from finetune_operator.config import OperatorConfig
 from finetune_operator.handlers import Controller
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.progress_server import Entry, ProgressBook, ProgressService, write_wait
+from finetune_operator.progress_server import (
+    Authenticator,
+    Entry,
+    Identity,
+    ProgressBook,
+    ProgressService,
+    RateLimiter,
+    Verdict,
+    write_wait,
+)
 
 KEY = ("ns", "j")
 CKPT = {"uri": "s3://b/ns/j/checkpoints/step-00000004/", "step": 4, "time": "2025-03-01T12:00:00Z"}
@@ -169,37 +179,65 @@ def test_a_held_back_report_goes_out_with_the_next_reconcile_whatever_woke_it() 
     assert asyncio.run(scenario()) == [1, 2]
 
 
-def test_a_standby_refuses_reports_before_any_token_review() -> None:
-    """Nothing a standby buffered would reach status (it does not reconcile): it says so with 503,
-    which the trainer's last report is sent again on (report.FINAL_ATTEMPTS)."""
+POD = {
+    "metadata": {
+        "name": "j-abcde",
+        "namespace": "ns",
+        "uid": "pod-uid",
+        "ownerReferences": [{"kind": "Job", "name": "j", "uid": "job-uid", "controller": True}],
+    },
+    "status": {"phase": "Running"},
+}
+FTJ = {"metadata": {"name": "j", "namespace": "ns", "uid": "ftj-uid"}, "status": {"phase": "Running"}}
+JOB = {"metadata": {"name": "j", "namespace": "ns", "uid": "job-uid"}}
 
-    async def scenario() -> tuple[int, str | None, dict[str, Any]]:
+
+class Standby(Reconciles):
+    """What a replica without the Lease knows of the job (it reads them from the API)."""
+
+    async def pod_lookup(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return POD if (namespace, name) == ("ns", "j-abcde") else None
+
+    async def job_lookup(self, namespace: str, name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        return (FTJ, JOB) if (namespace, name) == KEY else None
+
+
+def test_a_standby_checks_and_keeps_a_report_but_answers_503() -> None:
+    """A standby does not reconcile: 503, so the trainer sends again and a live leader writes it.
+    It still checks the report like the leader and keeps it: when the leader has died (the e2e
+    kills one as a trainer finishes), the standby takes over and its first reconcile writes the
+    trainer's last report. A report it refuses is kept nowhere."""
+
+    async def scenario() -> None:
         book = ProgressBook()
         metrics = OperatorMetrics()
+        auth = Authenticator(None, "finetune-operator")  # type: ignore[arg-type]
+        who = Identity("ns", "j-abcde", "pod-uid")
+        auth._remember(hashlib.sha256(b"t").hexdigest(), Verdict(who, time.monotonic() + 60))
+        controller = Standby(book)
         service = ProgressService(
-            None,  # type: ignore[arg-type]  # never reached: a standby asks no TokenReview
+            auth,
             metrics,
             book,
-            Reconciles(book),
+            controller,
             interval=1.0,
             storage_prefix=lambda _: "s3://b/ns/j/",
-            limiter=None,  # type: ignore[arg-type]
+            limiter=RateLimiter(100.0, 100.0),
             leading=lambda: False,
         )
+        url = "/v1/namespaces/ns/finetunejobs/j/progress"
         async with TestClient(TestServer(service.app())) as client:
-            answer = await client.post(
-                "/v1/namespaces/ns/finetunejobs/j/progress",
-                json=report(1),
-                headers={"Authorization": "Bearer t"},
-            )
-            assert book.latest(KEY) is None
-            assert (
-                metrics.registry.get_sample_value(
-                    "finetune_operator_progress_reports_total", {"result": "standby"}
-                )
-                == 1
-            )
-            return answer.status, answer.headers.get("Retry-After"), await answer.json()
+            answer = await client.post(url, json=report(1), headers={"Authorization": "Bearer t"})
+            assert answer.status == 503 and answer.headers.get("Retry-After") == "1"
+            assert "standby" in (await answer.json())["error"]
+            kept = book.latest(KEY)
+            assert kept is not None and (kept["sequence"], kept["step"]) == (1, 1)
+            assert not controller._tasks, "a standby wakes no reconcile"
+            bad = await client.post(url, json=report(2, loss="x"), headers={"Authorization": "Bearer t"})
+            assert bad.status == 400 and book.latest(KEY) is kept
+        counted = metrics.registry.get_sample_value(
+            "finetune_operator_progress_reports_total", {"result": "standby"}
+        )
+        assert counted == 1
 
-    status, retry, body = asyncio.run(scenario())
-    assert status == 503 and retry == "1" and "standby" in body["error"]
+    asyncio.run(scenario())
