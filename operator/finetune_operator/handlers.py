@@ -9,6 +9,12 @@ metadata.annotations, so nothing the user (or Argo CD) manages ever changes.
 Reconciles are per FineTuneJob, never concurrent for one job, and coalesced: a burst of events for
 one job while it is being reconciled leads to one more reconcile, not one per event. A periodic
 resync re-reconciles every job, repairing status after lost watch events.
+
+The reconcile is the only writer of `.status`. The trainer's progress reports reach it through the
+report book (progress_server.ProgressBook): the progress endpoint buffers the newest report per job
+and pokes the job's reconcile, which derives the whole status from the FineTuneJob, its Job, pods
+and that report, and writes it under one conflict policy (`_write_status`). A report that arrives
+while the job's reconcile runs marks the job dirty, so the reconcile runs once more and writes it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +48,7 @@ from finetune_operator.jobbuilder import (
 from finetune_operator.kube import ApiError, ConflictError, Kube, NotFoundError
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.naming import SELECTOR, job_name
-from finetune_operator.progress_server import ProgressService
+from finetune_operator.progress_server import ProgressBook
 from finetune_operator.refusals import PodCreateFailure, job_refusal, pod_create_failure
 from finetune_operator.status import (
     cannot_start,
@@ -116,11 +123,12 @@ class Slots:
 class Controller:
     """Caches (kopf indexes for Jobs and Pods, a dict of FineTuneJobs) and the reconcile loop."""
 
-    def __init__(self, cfg: OperatorConfig, kube: Kube, metrics: OperatorMetrics, progress: ProgressService):
+    def __init__(self, cfg: OperatorConfig, kube: Kube, metrics: OperatorMetrics, book: ProgressBook):
         self.cfg = cfg
         self.kube = kube
         self.metrics = metrics
-        self.progress = progress
+        self.book = book
+        """The trainers' newest reports, filled by the progress endpoint, written by the reconcile."""
         self.ftjs: dict[Key, dict[str, Any]] = {}
         self.job_index: Any = None
         self.pod_index: Any = None
@@ -212,7 +220,7 @@ class Controller:
             self._failures.pop(key, None)
             self._backoff_until.pop(key, None)
             self.metrics.forget(*key)
-            self.progress.forget(key)
+            self.book.forget(key)
             if self.credentials is not None:
                 self.credentials.forget(*key)
             return
@@ -220,13 +228,8 @@ class Controller:
         if known is not None and known["metadata"].get("generation") != meta.get("generation"):
             self._backoff_until.pop(key, None)  # the user changed the spec (suspend, ...): act now
         self.ftjs[key] = body
-        self.progress.note_status(key, body)
         self.metrics.observe_job(*key, body.get("status") or {})
-        version = meta.get("resourceVersion")
-        if known is not None and version in (
-            known["metadata"].get("resourceVersion"),
-            self.progress.wrote(key),
-        ):
+        if known is not None and meta.get("resourceVersion") == known["metadata"].get("resourceVersion"):
             return  # our own status write coming back: nothing to reconcile (a third of all events)
         self.poke(key)
 
@@ -384,7 +387,7 @@ class Controller:
                 job = await self.kube.patch_job(key[0], job["metadata"]["name"], patch)
         pods = self._pods(key[0], job) if job is not None else []
         workload = self._workload(key[0], job) if job is not None else None
-        report = self.progress.book.latest(key)
+        report = self.book.latest(key)
         secrets = secret_fields(ftj, self.cfg) if cannot_start(pods) else {}
         grace = self.cfg.secret_missing_grace_seconds
         pod_failure = await self._pod_create_failure(key, job, pods, phase)
@@ -403,7 +406,9 @@ class Controller:
                 pod_grace=self.cfg.pod_create_grace_seconds,
             )
 
-        status = await self._write_status(key, ftj, compute, job=job, pods=pods, workload=workload)
+        status = await self._write_status(
+            key, ftj, compute, report=report, job=job, pods=pods, workload=workload
+        )
         reason = _reason(status)
         if job is not None and status.get("phase") == "Failed" and reason in GIVEN_UP:
             # Its pod can never start: stop holding the GPU (the final status stands, see above).
@@ -483,14 +488,19 @@ class Controller:
         self,
         key: Key,
         ftj: dict[str, Any],
-        compute: Any,
+        compute: Callable[[dict[str, Any]], dict[str, Any]],
         *,
+        report: dict[str, Any] | None = None,
         job: dict[str, Any] | None = None,
         pods: list[dict[str, Any]] | None = None,
         workload: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Compute and write a status patch conditional on the object's resourceVersion; on conflict
-        read the object again and recompute (so e.g. a preemption is never counted twice).
+        """Compute and write a status patch conditional on the object's resourceVersion: the one
+        conflict policy of every status write. On conflict read the object again and recompute (so
+        e.g. a preemption is never counted twice); after STATUS_WRITE_ATTEMPTS conflicts in a row
+        raise, so the reconcile is retried with its backoff. `report`, the trainer's report that
+        `compute` reads, is marked written in the book once status shows it (or shows newer);
+        one the API server refuses is dropped, and the rest of the patch written without it.
         Returns the status as written (or as it stood, when nothing needed writing)."""
         obj = ftj
         without_report = False
@@ -499,13 +509,15 @@ class Controller:
             if without_report:
                 patch = {k: v for k, v in patch.items() if k not in REPORTED_FIELDS}
             if not patch:
+                self._applied(key, report)
                 return obj.get("status") or {}
             try:
                 new = await self.kube.patch_ftj_status(*key, patch, obj["metadata"]["resourceVersion"])
             except ApiError as e:
                 if e.status != 422 or without_report or not patch.keys() & REPORTED_FIELDS:
                     raise
-                # What the trainer reported cannot be written: the phase and conditions still are.
+                # What the trainer reported cannot be written (the contract and the CRD's schema
+                # drifted): the phase and conditions still are; the next report may pass.
                 log.warning(
                     "status write refused with the trainer's figures, writing it without them: %s",
                     str(e)[:512],
@@ -521,10 +533,18 @@ class Controller:
                 continue
             except NotFoundError:
                 return {}
-            self._after_write(key, obj, new, patch, job=job, pods=pods or [], workload=workload)
+            self._applied(key, report)
+            self._after_write(
+                key, obj, new, patch, report=report, job=job, pods=pods or [], workload=workload
+            )
             return new.get("status") or {}
-        log.warning("status write kept conflicting; the next event retries", extra={"fields": _fields(key)})
-        return {}
+        raise ConflictError(
+            f"status of {key[0]}/{key[1]}: {STATUS_WRITE_ATTEMPTS} conflicting writes in a row"
+        )
+
+    def _applied(self, key: Key, report: dict[str, Any] | None) -> None:
+        if report is not None:
+            self.book.mark_written(key, report, time.monotonic())
 
     def _after_write(
         self,
@@ -533,6 +553,7 @@ class Controller:
         new: dict[str, Any],
         patch: dict[str, Any],
         *,
+        report: dict[str, Any] | None,
         job: dict[str, Any] | None,
         pods: list[dict[str, Any]],
         workload: dict[str, Any] | None = None,
@@ -540,10 +561,10 @@ class Controller:
         new = slim_ftj(new)
         if key in self.ftjs:
             self.ftjs[key] = new
-        self.progress.note_status(key, new)
         old_status = old.get("status") or {}
-        self.progress.observe_checkpoint(key, old_status, patch)
-        self.progress.announce(new, old_status, patch)
+        self.metrics.observe_checkpoint(old_status, patch, report)
+        for event in events.evaluation_events(new, old_status, patch, _now()):
+            self._post(event)
         added = int(patch.get("preemptions", old_status.get("preemptions") or 0)) - int(
             old_status.get("preemptions") or 0
         )
@@ -562,10 +583,13 @@ class Controller:
                 message,
                 extra={"fields": {**_fields(key), "phase": moved[1], "reason": reason}},
             )
-            event = events.transition_event(new, moved, reason, message, _now())
-            task = asyncio.get_running_loop().create_task(events.post(self.kube, event))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._post(events.transition_event(new, moved, reason, message, _now()))
+
+    def _post(self, event: dict[str, Any]) -> None:
+        """Post an Event in the background (a status write never waits for one)."""
+        task = asyncio.get_running_loop().create_task(events.post(self.kube, event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def _reason(status: dict[str, Any]) -> str | None:

@@ -58,7 +58,7 @@ class OperatorMetrics:
         self.progress_reports = Counter(
             "finetune_operator_progress_reports",
             "Progress reports received, by result"
-            " (accepted, stale, unauthorized, forbidden, limited, invalid).",
+            " (accepted, stale, unauthorized, forbidden, limited, invalid, standby).",
             ["result"],
             registry=r,
         )
@@ -110,6 +110,19 @@ class OperatorMetrics:
                 self.loss.labels(namespace, name).set(progress["loss"])
         else:
             self._remove_live(namespace, name)
+
+    def observe_checkpoint(
+        self, old_status: dict[str, Any], patch: dict[str, Any], report: dict[str, Any] | None
+    ) -> None:
+        """Count a checkpoint that a status write (`patch` over `old_status`) just recorded, with
+        its upload time when `report`, the trainer's report the patch was computed from, has it."""
+        new = patch.get("checkpoint")
+        if not new or new.get("step") == (old_status.get("checkpoint") or {}).get("step"):
+            return
+        self.checkpoints.inc()
+        ckpt = (report or {}).get("checkpoint") or {}
+        if ckpt.get("step") == new.get("step") and isinstance(ckpt.get("uploadSeconds"), int | float):
+            self.checkpoint_duration.observe(ckpt["uploadSeconds"])
 
     def _observe_usage(self, key: tuple[str, str], usage: dict[str, Any]) -> None:
         """Advance the usage counters to status.usage (they never go back: an older status that

@@ -10,32 +10,34 @@ and every source address has a request budget (`RateLimiter`) spent before any T
 neither a steady stream of reports nor a flood of garbage tokens costs more than a few API calls.
 A report's checkpoint URIs must lie under the job's own storage prefix (`uri_refusal`).
 
-Reports are buffered (`ProgressBook`) and written to status at most every
-`statusWriteIntervalSeconds` per job, at once when the checkpoint or the trainer's phase changes.
-Every replica accepts reports (the Service spreads them); writes are conditional on the
-resourceVersion they were computed from and never replace a newer report (status.py), so two
-replicas cannot undo each other.
+Accepted reports are buffered (`ProgressBook`, the newest per job) and the job's reconcile is woken
+(`Reconciler.poke`): at once when the checkpoint, the trainer's phase or the evaluation changes,
+otherwise once `statusWriteIntervalSeconds` have passed since the last write of a report. This
+module never writes status: the reconcile alone does (handlers.py), reading the newest buffered
+report, so a report is never dropped, only coalesced with the ones after it. Only the replica that
+reconciles (the Lease holder) accepts reports. A standby checks and buffers them like the leader
+(its book is written by its own reconciles if it takes over, as when the leader died just before a
+trainer's last report) but answers 503, so the trainer sends again and a live leader gets it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from finetune_trainer.contract import ReportError, parse_report
 
-from finetune_operator import admission, events
-from finetune_operator.kube import ApiError, ConflictError, Kube, NotFoundError
+from finetune_operator import admission
+from finetune_operator.kube import Kube
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.status import is_newer_report, parse_time, progress_patch
+from finetune_operator.status import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -57,28 +59,29 @@ Key = tuple[str, str]
 
 @dataclass
 class Entry:
-    """The newest report of one job and what has been written of it."""
+    """The newest report of one job and the last one a status write applied."""
 
     report: dict[str, Any]
     written: dict[str, Any] | None = None
     written_at: float = 0.0
 
 
-def write_due(entry: Entry, now: float, interval: float) -> bool:
-    """Whether the buffered report should be written now: a checkpoint or phase change at once,
-    anything else once `interval` has passed since the last write."""
+def write_wait(entry: Entry, now: float, interval: float) -> float | None:
+    """Seconds until the buffered report should be written (0: now), or None when status already
+    has it: a checkpoint, phase or evaluation change at once, anything else once `interval` has
+    passed since the last write."""
     report, written = entry.report, entry.written
     if written is report:
-        return False
+        return None
     if written is None:
-        return True
+        return 0.0
     if (report.get("checkpoint") or {}).get("step") != (written.get("checkpoint") or {}).get("step"):
-        return True
+        return 0.0
     if report.get("phase") != written.get("phase"):
-        return True
+        return 0.0
     if report.get("evalStep") != written.get("evalStep"):
-        return True  # an evaluation: rare, and what a person watching the job waits for
-    return now - entry.written_at >= interval
+        return 0.0  # an evaluation: rare, and what a person watching the job waits for
+    return max(0.0, interval - (now - entry.written_at))
 
 
 def newer(report: dict[str, Any], than: dict[str, Any]) -> bool:
@@ -90,10 +93,12 @@ def newer(report: dict[str, Any], than: dict[str, Any]) -> bool:
 
 
 class ProgressBook:
-    """Latest report per job, in memory."""
+    """The newest report per job, in memory, and which of them status already shows. Filled by the
+    endpoint, read and marked by the reconcile (the only status writer)."""
 
     def __init__(self) -> None:
         self.entries: dict[Key, Entry] = {}
+        self._refusals_logged: set[tuple[Key, str]] = set()
 
     def offer(self, key: Key, report: dict[str, Any]) -> bool:
         """Keep `report` if it is newer than the buffered one; False when it is stale."""
@@ -110,16 +115,40 @@ class ProgressBook:
         entry = self.entries.get(key)
         return entry.report if entry else None
 
-    def due(self, now: float, interval: float) -> list[Key]:
-        return [k for k, e in self.entries.items() if write_due(e, now, interval)]
+    def wait(self, key: Key, now: float, interval: float) -> float | None:
+        """write_wait of the job's buffered report; None when there is none."""
+        entry = self.entries.get(key)
+        return write_wait(entry, now, interval) if entry is not None else None
 
     def mark_written(self, key: Key, report: dict[str, Any], now: float) -> None:
+        """Status now shows `report` (or a newer one): the report the reconcile read, not the
+        newest, which may have arrived during the write and still has to be written."""
         entry = self.entries.get(key)
         if entry is not None:
             entry.written, entry.written_at = report, now
 
+    def first_refusal(self, key: Key, field: str) -> bool:
+        """Whether a refused report of `key` breaking `field` is the first such (to be logged);
+        bounded: beyond REFUSALS_LOGGED pairs, none is."""
+        if (key, field) in self._refusals_logged or len(self._refusals_logged) >= REFUSALS_LOGGED:
+            return False
+        self._refusals_logged.add((key, field))
+        return True
+
     def forget(self, key: Key) -> None:
         self.entries.pop(key, None)
+        self._refusals_logged = {k for k in self._refusals_logged if k[0] != key}
+
+
+class Reconciler(Protocol):
+    """The controller as the endpoint sees it: its caches, to tell whether a pod may report, and its
+    queue, to wake a job's reconcile (handlers.Controller)."""
+
+    async def pod_lookup(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def job_lookup(self, namespace: str, name: str) -> tuple[dict[str, Any], dict[str, Any]] | None: ...
+
+    def poke(self, key: Key) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -266,34 +295,32 @@ class RateLimiter:
 
 
 class ProgressService:
-    """The HTTP endpoint and the writer loop."""
+    """The HTTP endpoint: authenticate, validate, buffer, wake the reconcile."""
 
     def __init__(
         self,
-        kube: Kube,
         authenticator: Authenticator,
         metrics: OperatorMetrics,
-        interval: float,
-        pod_lookup: Callable[[str, str], Awaitable[dict[str, Any] | None]],
+        book: ProgressBook,
+        reconciler: Reconciler,
         *,
-        job_lookup: Callable[[str, str], Awaitable[tuple[dict[str, Any], dict[str, Any]] | None]],
+        interval: float,
         storage_prefix: Callable[[dict[str, Any]], str],
         limiter: RateLimiter,
+        leading: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.kube = kube
         self.auth = authenticator
         self.metrics = metrics
+        self.book = book
+        self.reconciler = reconciler
         self.interval = interval
-        self.pod_lookup = pod_lookup
-        self.job_lookup = job_lookup
         self.storage_prefix = storage_prefix
         self.limiter = limiter
-        self.book = ProgressBook()
-        self._objects: dict[Key, dict[str, Any]] = {}
-        self._written: dict[Key, dict[str, Any]] = {}
-        self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._refusals_logged: set[tuple[Key, str]] = set()
+        self.leading = leading
+        """Whether this replica reconciles (holds the Lease, or runs without leader election)."""
+        self.clock = clock
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -317,15 +344,38 @@ class ProgressService:
         if not self.book.offer(key, report):
             self.metrics.progress_reports.labels("stale").inc()
             return web.json_response({"accepted": False, "reason": "stale"}, status=200)
+        if not self.leading():
+            # Kept, and written if this replica takes over (a leader that died: the e2e kills one),
+            # but a standby does not reconcile: 503, so the trainer sends again and a live leader
+            # (the Service's next connection) writes it.
+            response = self._reject("standby", 503, "this replica is a standby; send again")
+            response.headers["Retry-After"] = "1"
+            return response
         self.metrics.progress_reports.labels("accepted").inc()
-        self._wake.set()
+        self.wake(key)
         return web.json_response({"accepted": True}, status=202)
+
+    def wake(self, key: Key) -> None:
+        """Poke the job's reconcile when its buffered report is due, else once it will be (one timer
+        per job; when it fires, the wait is asked again: a reconcile meanwhile may have written the
+        report, or written an older one and so moved the time of the last write)."""
+        wait = self.book.wait(key, self.clock(), self.interval)
+        if wait is None:
+            return
+        if wait <= 0:
+            self.reconciler.poke(key)
+        elif key not in self._timers:
+            self._timers[key] = asyncio.get_running_loop().call_later(wait, self._timer_fired, key)
+
+    def _timer_fired(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        self.wake(key)
 
     async def _authorize(
         self, request: web.Request, namespace: str, name: str
     ) -> tuple[web.Response | None, tuple[dict[str, Any], dict[str, Any]] | None]:
         """(a refusal, None), or (None, (the FineTuneJob, its current Job)) when the request comes
-        from the live pod of that Job: rate limit per source, TokenReview, then source_refusal."""
+        from the live pod of that Job: the rate limit per source, TokenReview, then source_refusal."""
         if not self.limiter.allow(request.remote or ""):
             response = self._reject("limited", 429, "too many requests from this address")
             response.headers["Retry-After"] = "1"
@@ -336,8 +386,8 @@ class ProgressService:
         who = await self.auth.identity(header.removeprefix("Bearer ").strip())
         if who is None or who.namespace != namespace:
             return self._reject("unauthorized", 401, "the token is not valid for this job"), None
-        found = await self.job_lookup(namespace, name)
-        pod = await self.pod_lookup(namespace, who.pod)
+        found = await self.reconciler.job_lookup(namespace, name)
+        pod = await self.reconciler.pod_lookup(namespace, who.pod)
         why = source_refusal(who, namespace, pod, *(found or (None, None)))
         if why is not None:
             log.info(
@@ -356,8 +406,7 @@ class ProgressService:
         try:
             return parse_report(body, datetime.now(UTC)).wire()
         except ReportError as e:
-            if (key, e.field) not in self._refusals_logged and len(self._refusals_logged) < REFUSALS_LOGGED:
-                self._refusals_logged.add((key, e.field))
+            if self.book.first_refusal(key, e.field):
                 log.warning(
                     "progress report refused: %s",
                     str(e)[:MESSAGE_LIMIT],
@@ -368,101 +417,3 @@ class ProgressService:
     def _reject(self, result: str, status: int, message: str, field: str | None = None) -> web.Response:
         self.metrics.progress_reports.labels(result).inc()
         return web.json_response({"error": message, **({"field": field} if field else {})}, status=status)
-
-    async def run_writer(self) -> None:
-        """Write due reports to status, forever."""
-        while True:
-            for key in self.book.due(time.monotonic(), self.interval):
-                try:
-                    await self.write(key)
-                except Exception:
-                    log.exception(
-                        "progress write failed", extra={"fields": {"namespace": key[0], "name": key[1]}}
-                    )
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-
-    async def write(self, key: Key) -> None:
-        """Write the buffered report of `key` if status does not already show a newer one."""
-        report = self.book.latest(key)
-        if report is None:
-            return
-        for _ in range(3):
-            obj = self._objects.get(key)
-            if obj is None:
-                try:
-                    obj = await self.kube.get_ftj(*key)
-                except NotFoundError:
-                    self.forget(key)
-                    return
-            status = obj.get("status") or {}
-            patch = progress_patch(status, report, datetime.now(UTC))
-            if not patch:
-                self.book.mark_written(key, report, time.monotonic())
-                return
-            try:
-                new = await self.kube.patch_ftj_status(*key, patch, obj["metadata"]["resourceVersion"])
-                new["metadata"].pop("managedFields", None)  # kept per job: only what writes need
-                self._objects[key] = new
-                self._written[key] = new["metadata"]
-            except ConflictError:
-                self._objects.pop(key, None)
-                continue
-            except NotFoundError:
-                self.forget(key)
-                return
-            except ApiError as e:
-                if e.status != 422:
-                    raise
-                # The API server's schema refuses what the contract let through (they drifted):
-                # drop this report rather than retry it every second; the next one may pass.
-                self.book.mark_written(key, report, time.monotonic())
-                log.warning(
-                    "progress write refused by the API server, report dropped: %s",
-                    str(e)[:MESSAGE_LIMIT],
-                    extra={"fields": {"namespace": key[0], "name": key[1]}},
-                )
-                return
-            self.book.mark_written(key, report, time.monotonic())
-            self.observe_checkpoint(key, status, patch)
-            self.announce(new, status, patch)
-            return
-
-    def observe_checkpoint(self, key: Key, old_status: dict[str, Any], patch: dict[str, Any]) -> None:
-        """Count a checkpoint that a status write just recorded, with its upload time when the
-        trainer reported one. Called for every status write (this writer's and the reconcile's,
-        which carries the same report), so a checkpoint is counted whichever wrote it first."""
-        new = patch.get("checkpoint")
-        if not new or new.get("step") == (old_status.get("checkpoint") or {}).get("step"):
-            return
-        self.metrics.checkpoints.inc()
-        ckpt = (self.book.latest(key) or {}).get("checkpoint") or {}
-        if ckpt.get("step") == new.get("step") and isinstance(ckpt.get("uploadSeconds"), int | float):
-            self.metrics.checkpoint_duration.observe(ckpt["uploadSeconds"])
-
-    def announce(self, obj: dict[str, Any], old_status: dict[str, Any], patch: dict[str, Any]) -> None:
-        """Post the Events a status write calls for about the eval loss (events.evaluation_events).
-        Called for every status write, this writer's and the reconcile's, like observe_checkpoint."""
-        for event in events.evaluation_events(obj, old_status, patch, datetime.now(UTC)):
-            task = asyncio.get_running_loop().create_task(events.post(self.kube, event))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    def wrote(self, key: Key) -> str | None:
-        """resourceVersion of the object as this service's last status write left it."""
-        return (self._written.get(key) or {}).get("resourceVersion")
-
-    def note_status(self, key: Key, obj: dict[str, Any]) -> None:
-        """A newer object seen elsewhere (watch, another write): use it as the base of the next write."""
-        self._objects[key] = obj
-        report = self.book.latest(key)
-        progress = (obj.get("status") or {}).get("progress")
-        if report is not None and not is_newer_report(report, progress, datetime.now(UTC)):
-            self.book.mark_written(key, report, time.monotonic())
-
-    def forget(self, key: Key) -> None:
-        self.book.forget(key)
-        self._refusals_logged = {k for k in self._refusals_logged if k[0] != key}
-        self._objects.pop(key, None)
-        self._written.pop(key, None)

@@ -1,7 +1,8 @@
 """`python -m finetune_operator run`: HTTP endpoints, leader election, kopf, periodic resync.
 
 Every replica serves /healthz, /readyz, /metrics and the progress endpoint; only the Lease holder
-(or the only replica, without leader election) runs the kopf watches and reconciles.
+(or the only replica, without leader election) runs the kopf watches and reconciles, and so only it
+accepts progress reports (the reconcile writes them to status; a standby answers 503).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from finetune_operator.jobbuilder import resolved_storage
 from finetune_operator.kube import Kube, load_client_config
 from finetune_operator.leader import LeaderElector, LostLeadershipError
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.progress_server import Authenticator, ProgressService, RateLimiter
+from finetune_operator.progress_server import Authenticator, ProgressBook, ProgressService, RateLimiter
 
 log = logging.getLogger("finetune_operator")
 
@@ -98,34 +99,25 @@ async def run(cfg: OperatorConfig, stop: asyncio.Event | None = None) -> int:
     load_client_config()
     kube = Kube()
     metrics = OperatorMetrics()
-    controller: Controller | None = None
-
-    async def pod_lookup(namespace: str, name: str) -> dict[str, Any] | None:
-        assert controller is not None
-        return await controller.pod_lookup(namespace, name)
-
-    async def job_lookup(namespace: str, name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        assert controller is not None
-        return await controller.job_lookup(namespace, name)
-
+    book = ProgressBook()
+    controller = Controller(cfg, kube, metrics, book)
+    health = Health()
     progress = ProgressService(
-        kube,
         Authenticator(kube, cfg.report_audience, on_review=metrics.token_reviews.inc),
         metrics,
-        cfg.status_write_interval_seconds,
-        pod_lookup,
-        job_lookup=job_lookup,
+        book,
+        controller,
+        interval=cfg.status_write_interval_seconds,
         storage_prefix=lambda ftj: resolved_storage(ftj, cfg)["uri"],
         limiter=RateLimiter(cfg.report_rate_per_second, cfg.report_burst),
+        leading=lambda: health.leading,
     )
-    controller = Controller(cfg, kube, metrics, progress)
-    health = Health()
     runners = [
         await _serve(health.app(), cfg.ports.health),
         await _serve(metrics_app(metrics), cfg.ports.metrics),
         await _serve(progress.app(), cfg.ports.progress),
     ]
-    tasks = [loop.create_task(progress.run_writer())]
+    tasks: list[asyncio.Task[Any]] = []
     stopper = loop.create_task(stop.wait())
     code = 0
     try:

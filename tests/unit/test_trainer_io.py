@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -139,12 +140,13 @@ def _free_port() -> int:
 
 
 class Receiver:
-    """A real HTTP server recording the reports it gets; answers `status`."""
+    """A real HTTP server recording the reports it gets; answers `first` in turn, then `status`."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, first: tuple[int, ...] = (), port: int = 0) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.auth: list[str | None] = []
         self.status = status
+        self.first = list(first)
         self.got = threading.Event()
         receiver = self
 
@@ -153,14 +155,14 @@ class Receiver:
                 length = int(self.headers["Content-Length"])
                 receiver.bodies.append(json.loads(self.rfile.read(length)))
                 receiver.auth.append(self.headers.get("Authorization"))
-                self.send_response(receiver.status)
+                self.send_response(receiver.first.pop(0) if receiver.first else receiver.status)
                 self.end_headers()
                 receiver.got.set()
 
             def log_message(self, *_: Any) -> None:
                 return
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/report"
 
@@ -190,6 +192,52 @@ def test_reports_carry_the_token_and_an_increasing_sequence(receiver: Receiver, 
         last["step"] == 4 and last["phase"] == "Succeeded" and last["job"] == {"name": "j", "namespace": "ns"}
     )
     assert last["reportedAt"].endswith("Z")
+
+
+@pytest.mark.parametrize(("first", "sent"), [((503, 503), 3), ((403,), 1), ((503,) * 99, None)])
+def test_the_last_report_is_sent_again_only_while_no_leader_takes_it(
+    first: tuple[int, ...], sent: int | None
+) -> None:
+    """503 is a standby replica of the operator (only the leader writes reports): the last report,
+    the only one with the samples, goes again; a refusal (403) is final; the retries are bounded in
+    time (None: as many as fit)."""
+    receiver = Receiver(first=(200, *first))
+    try:
+        reporter = Reporter(receiver.url, ProgressState(step=9).snapshot, {}, 3600).start()
+        assert receiver.got.wait(5)  # the thread's first report, accepted
+        began = time.monotonic()
+        reporter.close(retry_for=1.0, pause=0.1)
+        spent = time.monotonic() - began
+    finally:
+        receiver.httpd.shutdown()
+    if sent is None:
+        assert 5 <= len(receiver.bodies) - 1 <= 11 and spent < 2.0
+    else:
+        assert len(receiver.bodies) - 1 == sent
+    assert [b["sequence"] for b in receiver.bodies] == list(range(1, len(receiver.bodies) + 1))
+    assert all(b["step"] == 9 for b in receiver.bodies)
+
+
+def test_the_last_report_is_sent_again_while_no_operator_answers() -> None:
+    """The operator restarting (connection refused): the last report goes again, within the bound,
+    and reaches it once it listens."""
+    port = _free_port()
+    reporter = Reporter(f"http://127.0.0.1:{port}/report", ProgressState(step=9).snapshot, {}, 3600)
+    receiver: list[Receiver] = []
+
+    def operator_back() -> None:
+        time.sleep(0.3)
+        r = Receiver(port=port)
+        receiver.append(r)
+
+    threading.Thread(target=operator_back).start()
+    reporter.start()  # its first send finds no operator
+    try:
+        reporter.close(retry_for=3.0, pause=0.1)
+        assert receiver and [b["step"] for b in receiver[0].bodies] == [9]
+    finally:
+        for r in receiver:
+            r.httpd.shutdown()
 
 
 def test_report_failures_are_logged_without_the_token(

@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 10.0
 FAILURE_LOG_INTERVAL = 60.0
 TIMEOUT = 5.0
+FINAL_RETRY_SECONDS = 10.0
+"""How long the last report is sent again while no operator takes it: a standby answered (503; only
+the leader writes reports to status, and the Service's next connection may reach it) or none did
+(the operator restarting). A refusal (4xx) is final."""
+FINAL_RETRY_PAUSE = 1.0
 
 
 class Reporter:
@@ -54,6 +59,8 @@ class Reporter:
         self.token_file = token_file
         self.sequence = 0
         self.sent = 0
+        self.retryable = False
+        """Whether the last send failed for want of a leading operator (503, or no answer)."""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._send_lock = threading.Lock()
@@ -68,11 +75,21 @@ class Reporter:
         """Send soon, without waiting for the interval."""
         self._wake.set()
 
-    def close(self, timeout: float = TIMEOUT) -> None:
+    def close(
+        self,
+        timeout: float = TIMEOUT,
+        retry_for: float = FINAL_RETRY_SECONDS,
+        pause: float = FINAL_RETRY_PAUSE,
+    ) -> None:
+        """Stop the thread and send the last report, again for up to `retry_for` seconds while no
+        leading operator takes it: it carries what only the end of a run has (the samples, the
+        final checkpoint list), and the summary written before it is already safe."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        self.send_once()
+        deadline = time.monotonic() + retry_for
+        while not self.send_once() and self.retryable and time.monotonic() + pause < deadline:
+            time.sleep(pause)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -84,6 +101,7 @@ class Reporter:
         """One POST; True when the operator accepted it."""
         with self._send_lock:
             self.sequence += 1
+            self.retryable = False
             try:
                 body = build_report(self.snapshot(), self.sequence, self.job, datetime.now(UTC))
             except ReportError as e:
@@ -96,6 +114,7 @@ class Reporter:
                 with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
                     response.read()
             except (urllib.error.URLError, OSError, ValueError) as e:
+                self.retryable = not isinstance(e, urllib.error.HTTPError) or e.code == 503
                 self._failed(e)
                 return False
             self.sent += 1
