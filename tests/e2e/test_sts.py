@@ -122,7 +122,7 @@ def test_job_trains_on_scoped_credentials_renewed_while_it_runs(
 def test_the_operators_secret_rights_reach_only_per_job_credentials_secrets(
     sts: tuple[MinIO, OperatorProcess], cluster: Any
 ) -> None:
-    """As the operator's ServiceAccount (what a stolen token could do): create, update and delete
+    """As the operator's ServiceAccount (what a stolen token could do): create, patch and delete
     on Secrets are granted, yet the chart's policy refuses any Secret that is not a per-job
     credentials Secret, so a tenant's Secret can be neither overwritten nor deleted; reading is
     not granted at all."""
@@ -136,15 +136,17 @@ def test_the_operators_secret_rights_reach_only_per_job_credentials_secrets(
             input=stdin, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
-    forged = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "victim-storage", "namespace": ns},
-              "data": {CREDENTIALS_KEY: base64.b64encode(b"{}").decode()}}  # fmt: skip
-    for args in (("replace", "-f", "-"), ("create", "-f", "-")):
-        body = (
-            forged
-            if args[0] == "replace"
-            else {**forged, "metadata": {"name": "new-storage", "namespace": ns}}
-        )
-        done = as_operator(*args, stdin=json.dumps(body))
+    data = {CREDENTIALS_KEY: base64.b64encode(b"{}").decode()}
+    forged = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "new-storage", "namespace": ns},
+              "data": data}  # fmt: skip
+    for args, stdin in (
+        (
+            ("patch", "secret", "victim-storage", "-n", ns, "--type=merge", "-p", json.dumps({"data": data})),
+            None,
+        ),
+        (("create", "-f", "-"), json.dumps(forged)),
+    ):
+        done = as_operator(*args, stdin=stdin)
         assert done.returncode != 0 and "may write and delete only the per-job credentials" in done.stderr, (
             done
         )
