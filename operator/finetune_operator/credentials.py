@@ -200,7 +200,7 @@ def secret_not_owned(namespace: str, name: str) -> CredentialsError:
         f"Secret {name} exists in namespace {namespace} and is not owned by this FineTuneJob (no "
         "controller ownerReference with its uid): someone created it under the name of the job's "
         "credentials Secret, which would choose the keys the job's pod uses, or another object owns "
-        "it; the operator neither overwrites nor mounts it; delete it, then create the job again",
+        "it; the operator neither overwrites nor mounts it; delete it",
     )
 
 

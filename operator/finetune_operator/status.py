@@ -804,7 +804,10 @@ def credentials_observed(error: CredentialsError, now: datetime, grace: float) -
     since = error.since or now
     waited = (now - since).total_seconds()
     if waited >= grace:
-        message = f"the job's storage credentials could not be provided for {waited:.0f}s: {error.message}"
+        message = (
+            f"the job's storage credentials could not be provided for {waited:.0f}s: {error.message}; "
+            "then create the job again"
+        )
         return Observed("Failed", error.reason, message[:MESSAGE_LIMIT])
     deadline = rfc3339(since + timedelta(seconds=grace))
     message = f"{error.message}; retrying (the job fails if this lasts {grace:.0f}s, at {deadline})"

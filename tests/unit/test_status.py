@@ -552,7 +552,10 @@ def test_storage_credentials_failing_is_pending_with_the_reason_then_failed_afte
     assert done["phase"] == "Failed" and done["completionTime"] == "2025-03-01T12:03:20Z"
     assert by_type(done)["Failed"]["status"] == "True"
     assert by_type(done)["Failed"]["reason"] == "StorageCredentialsFailed"
-    assert done["message"] == f"the job's storage credentials could not be provided for 300s: {error.message}"
+    assert done["message"] == (
+        f"the job's storage credentials could not be provided for 300s: {error.message}; "
+        "then create the job again"
+    )
 
 
 def test_summary_uris_outside_the_jobs_prefix_stay_out_of_status_and_are_named() -> None:
