@@ -275,8 +275,18 @@ def renewal_patch(secret: dict[str, Any], uid: str) -> list[dict[str, Any]]:
         *ownership_test(uid),
         {"op": "add", "path": "/metadata/annotations", "value": meta["annotations"]},
         {"op": "add", "path": "/metadata/labels", "value": meta["labels"]},
-        {"op": "replace", "path": "/data", "value": secret["data"]},
+        {"op": "add", "path": "/data", "value": secret["data"]},
     ]
+
+
+def patch_did_not_apply(error: ApiError) -> bool:
+    """Whether the API server refused a JSON patch because an operation did not apply (a `test`
+    that failed, a path that is not there): 422 Invalid with no field causes (Kubernetes 1.34 says
+    only "the server rejected our request due to an error in our request"), unlike a patched object
+    that fails validation (422 naming the fields). renewal_patch's other operations always apply,
+    so for it this means the ownership test failed."""
+    details = error.body.get("details") or {}
+    return error.status == 422 and error.body.get("reason") == "Invalid" and not details.get("causes")
 
 
 def session_name(namespace: str, name: str) -> str:
@@ -385,7 +395,7 @@ class StorageCredentials:
                 # controls it, without reading it.
                 await self.kube.patch_secret(namespace, name, renewal_patch(secret, uid))
         except ApiError as e:
-            if e.status == 422 and "test" in str(e.body.get("message") or e):
+            if patch_did_not_apply(e):
                 raise secret_not_owned(namespace, name) from e
             why = f"{e.status} {e.body.get('reason') or ''}: {e.body.get('message') or ''}"[:ERROR_LIMIT]
             raise CredentialsError(
@@ -416,9 +426,9 @@ class StorageCredentials:
         except (NotFoundError, ConflictError):
             pass  # none, or replaced between the two calls (the precondition failed)
         except ApiError as e:
-            if e.status not in (403, 422):
+            if e.status != 403 and not patch_did_not_apply(e):
                 raise
-            # Not this job's (422: the ownership test; 403: the chart's Secret policy).
+            # Not this job's (the ownership test; 403: the chart's Secret policy).
             log.warning("did not delete Secret %s/%s: not this job's: %s", key[0], name, e)
         self._removed[key] = meta["uid"]
         self._expires.pop(key, None)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from e2e.harness import install_crd
 from finetune_operator.config import OperatorConfig
 from finetune_operator.credentials import (
     ANNOTATION_EXPIRES,
@@ -220,8 +221,7 @@ def test_trainer_store_works_on_the_mounted_file_and_follows_a_renewal(
 
 def job_on_cluster(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
     """A FineTuneJob created on the API server (no operator runs): its uid is the server's."""
-    cluster.kubectl("apply", "--server-side", "-f", str(Path(__file__).resolve().parents[2] / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+    install_crd(cluster)  # waits for Established, which `kubectl wait` does not on a loaded machine
     job = ftj(namespace, name)
     job["metadata"].pop("uid")
     cluster.apply(job)
@@ -359,7 +359,7 @@ def test_a_secret_the_job_does_not_own_is_never_overwritten_nor_deleted(minio: M
         )
         with pytest.raises(CredentialsError) as refused:
             asyncio.run(issuer.ensure(job, uri))
-        assert refused.value.reason == REASON_NOT_OWNED
+        assert refused.value.reason == REASON_NOT_OWNED, refused.value.message
         assert refused.value.message.startswith(
             f"Secret {name} exists in namespace {namespace} and is not owned by this FineTuneJob"
         )

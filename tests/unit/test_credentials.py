@@ -23,6 +23,7 @@ from finetune_operator.credentials import (
     Issued,
     assume_role_failed,
     ownership_test,
+    patch_did_not_apply,
     readable_prefixes,
     removal_due,
     renewal_due,
@@ -33,6 +34,7 @@ from finetune_operator.credentials import (
     session_policy,
 )
 from finetune_operator.jobbuilder import build_job, secret_fields, trainer_manifest
+from finetune_operator.kube import ApiError
 from finetune_trainer.storage import FileCredentialProvider
 
 STS = OperatorConfig.model_validate(
@@ -332,6 +334,17 @@ def test_a_renewal_patch_tests_the_jobs_controller_reference_before_it_writes() 
     assert ops[2:] == [
         {"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION_EXPIRES: "2026-12-03T10:00:05Z"}},
         {"op": "add", "path": "/metadata/labels", "value": secret["metadata"]["labels"]},
-        {"op": "replace", "path": "/data", "value": secret["data"]},
+        {"op": "add", "path": "/data", "value": secret["data"]},
     ]
     assert not any("ownerReferences" in op["path"] for op in ops[2:])  # the owner is never rewritten
+
+
+def test_only_a_patch_that_did_not_apply_counts_as_a_failed_ownership_test() -> None:
+    # The body Kubernetes 1.34 sends when a `test` fails (tests/integration/test_sts_scoped.py).
+    failed_test = {"kind": "Status", "status": "Failure", "reason": "Invalid", "details": {}, "code": 422,
+                   "message": "the server rejected our request due to an error in our request"}  # fmt: skip
+    invalid = {"kind": "Status", "reason": "Invalid", "code": 422, "message": 'Secret "a1-storage" is invalid',
+               "details": {"causes": [{"field": "metadata.annotations", "reason": "FieldValueInvalid"}]}}  # fmt: skip
+    assert patch_did_not_apply(ApiError(422, "PATCH", failed_test))
+    assert not patch_did_not_apply(ApiError(422, "PATCH", invalid))
+    assert not patch_did_not_apply(ApiError(403, "PATCH", {**failed_test, "reason": "Forbidden"}))
