@@ -341,10 +341,16 @@ def test_a_renewal_patch_tests_the_jobs_controller_reference_before_it_writes() 
 
 def test_only_a_patch_that_did_not_apply_counts_as_a_failed_ownership_test() -> None:
     # The body Kubernetes 1.34 sends when a `test` fails (tests/integration/test_sts_scoped.py).
-    failed_test = {"kind": "Status", "status": "Failure", "reason": "Invalid", "details": {}, "code": 422,
-                   "message": "the server rejected our request due to an error in our request"}  # fmt: skip
-    invalid = {"kind": "Status", "reason": "Invalid", "code": 422, "message": 'Secret "a1-storage" is invalid',
-               "details": {"causes": [{"field": "metadata.annotations", "reason": "FieldValueInvalid"}]}}  # fmt: skip
+    failed_test = {
+        "kind": "Status",
+        "status": "Failure",
+        "reason": "Invalid",
+        "details": {},
+        "code": 422,
+        "message": "the server rejected our request due to an error in our request",
+    }
+    causes = [{"field": "metadata.annotations", "reason": "FieldValueInvalid"}]
+    invalid = {**failed_test, "message": 'Secret "a1-storage" is invalid', "details": {"causes": causes}}
     assert patch_did_not_apply(ApiError(422, "PATCH", failed_test))
     assert not patch_did_not_apply(ApiError(422, "PATCH", invalid))
     assert not patch_did_not_apply(ApiError(403, "PATCH", {**failed_test, "reason": "Forbidden"}))
