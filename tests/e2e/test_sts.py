@@ -5,6 +5,7 @@ the per-job credentials the operator issued, renewed while it runs, gone when it
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 from chart_install import installed_chart
 from e2e.harness import HOST_PROCESS_IMAGE, OperatorProcess, install_crd, operator_config, tiny_job
 from finetune_operator.credentials import ANNOTATION_EXPIRES, CREDENTIALS_KEY, secret_name
+from finetune_operator.kube import ApiError, Kube
+from kubernetes import config
 from localkube.cluster import wait
 from localkube.minio import REGION, MinIO, require_minio, start_minio
 from trainer_fixtures import alpaca_rows, write_jsonl
@@ -142,17 +145,22 @@ def test_the_operators_secret_rights_reach_only_per_job_credentials_secrets(
     data = {CREDENTIALS_KEY: base64.b64encode(b"{}").decode()}
     forged = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "new-storage", "namespace": ns},
               "data": data}  # fmt: skip
-    for args, stdin in (
-        (
-            ("patch", "secret", "victim-storage", "-n", ns, "--type=merge", "-p", json.dumps({"data": data})),
-            None,
-        ),
-        (("create", "-f", "-"), json.dumps(forged)),
-    ):
-        done = as_operator(*args, stdin=stdin)
-        assert done.returncode != 0 and "may write and delete only the per-job credentials" in done.stderr, (
-            done
-        )
+    done = as_operator("create", "-f", "-", stdin=json.dumps(forged))
+    assert done.returncode != 0 and "may write and delete only the per-job credentials" in done.stderr, done
+    done = as_operator(
+        "replace",
+        "-f",
+        "-",
+        stdin=json.dumps({**forged, "metadata": {"name": "victim-storage", "namespace": ns}}),
+    )
+    assert done.returncode != 0 and "forbidden" in done.stderr.lower(), done  # no update right at all
+    # A patch as the operator sends it (kubectl patch would GET first, which is not granted).
+    with pytest.raises(ApiError) as patched:
+        asyncio.run(Kube(config.new_client_from_config(str(operator.kubeconfig))).patch_secret(
+            ns, "victim-storage", [{"op": "add", "path": "/data", "value": data}]))  # fmt: skip
+    assert patched.value.status == 403 and "may write and delete only the per-job credentials" in str(
+        patched.value
+    )
     done = as_operator("delete", "secret", "victim-storage", "-n", ns)
     assert done.returncode != 0 and "may write and delete only the per-job credentials" in done.stderr, done
     done = as_operator("get", "secret", "victim-storage", "-n", ns)
