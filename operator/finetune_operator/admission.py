@@ -66,6 +66,14 @@ def under(uri: str, prefix: str) -> bool:
     return a[0] == b[0] and a[1][: len(b[1])] == b[1]
 
 
+def within(uri: str, prefix: str) -> bool:
+    """Whether `uri` is under the job's storage `prefix` (by whole segments for s3://; a plain
+    prefix otherwise): where a URI the trainer reports may point (progress reports, the summary)."""
+    if prefix.startswith("s3://"):
+        return under(uri, prefix) and s3_segments(uri) is not None
+    return uri.startswith(prefix.rstrip("/") + "/") and "/../" not in uri
+
+
 def image_allowed(image: str, allowed: list[str]) -> bool:
     """Whether `image` is one of `allowed`: an exact reference, or `repository:*` for any tag or
     digest of that repository (a tag has no `/`, so `repo:*` never admits `repo:x/../other`)."""

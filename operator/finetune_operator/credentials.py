@@ -17,7 +17,15 @@ job; the credentials themselves cannot be revoked one by one: they expire.
 The operator never reads a Secret (RBAC's `get` on Secrets would be every tenant Secret's values):
 it remembers each job's expiry in memory, and after a restart or a leader change issues fresh
 credentials once per running job. The expiry is also an annotation on the Secret, for people and
-for checks.
+for checks. A Secret of that name that the job does not control (made by a tenant to feed the pod
+keys of their choosing, or owned by another object) is never overwritten, deleted or mounted: a
+JSON patch whose `test` operations require the job's controller ownerReference is refused by the
+API server before it changes anything (`ownership_test`).
+
+What fails (STS refusing or unreachable, the Secret not written, a Secret not the job's) is raised
+as a CredentialsError with a status reason and a message that names `storage.sts` or the Secret and
+the server's error code, never a key or a token; the reconcile shows it and retries
+(status.credentials_status).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
+from botocore.exceptions import BotoCoreError, ClientError
 from finetune_trainer.timestamps import rfc3339
 
 from finetune_operator.admission import namespace_prefix
@@ -54,6 +63,13 @@ ENV_CREDENTIALS_FILE = "FINETUNE_S3_CREDENTIALS_FILE"
 ANNOTATION_EXPIRES = f"{API_GROUP}/credentials-expire-at"
 MINIO_ROLE_ARN = "arn:minio:iam:::role/finetune-operator"
 """Sent when `storage.sts.roleArn` is unset: the STS API requires one, MinIO ignores it."""
+
+REASON_FAILED = "StorageCredentialsFailed"
+"""Status reason: STS did not issue the job's credentials, or their Secret could not be written."""
+REASON_NOT_OWNED = "StorageSecretNotOwned"
+"""Status reason: a Secret with the job's credentials Secret name exists and the job does not own it."""
+ERROR_LIMIT = 300
+"""Characters of a server's error message kept in a status message."""
 
 OWN_PREFIX_ACTIONS = (
     "s3:GetObject",
@@ -142,6 +158,52 @@ def session_policy(job_uri: str, read_uris: Sequence[str]) -> dict[str, Any]:
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+class CredentialsError(Exception):
+    """Why a job's credentials cannot reach it: a status `reason` and a `message` that names what to
+    fix, never a key or a token. `since`: when this process first failed so for the job (in memory:
+    after a restart the grace period starts again, it never ends early)."""
+
+    def __init__(self, reason: str, message: str, since: datetime | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.since = since
+
+
+def sts_error_text(error: Exception) -> str:
+    """What STS (or the SDK on the way) answered, for status: the error code and message of a
+    refusal, else the exception's kind and text (an unreachable endpoint, no operator credentials).
+    Neither carries a secret: STS never echoes keys, tokens or the signature."""
+    if isinstance(error, ClientError):
+        err = error.response.get("Error") or {}
+        text = f"{err.get('Code') or 'Error'}: {err.get('Message') or 'no message'}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return text[:ERROR_LIMIT]
+
+
+def assume_role_failed(error: Exception, sts: StsSettings, endpoint: str | None) -> CredentialsError:
+    """The CredentialsError for a failed AssumeRole: names the operator's config and what STS said."""
+    role = sts.role_arn or MINIO_ROLE_ARN
+    where = endpoint or "AWS STS"
+    return CredentialsError(
+        REASON_FAILED,
+        f"storage.sts: AssumeRole of {role} at {where} failed ({sts_error_text(error)}); the platform "
+        "team checks the operator's storage.sts settings, its storage credentials and the STS endpoint",
+    )
+
+
+def secret_not_owned(namespace: str, name: str) -> CredentialsError:
+    """The CredentialsError for a credentials Secret name taken by a Secret the job does not own."""
+    return CredentialsError(
+        REASON_NOT_OWNED,
+        f"Secret {name} exists in namespace {namespace} and is not owned by this FineTuneJob (no "
+        "controller ownerReference with its uid): someone created it under the name of the job's "
+        "credentials Secret, which would choose the keys the job's pod uses, or another object owns "
+        "it; the operator neither overwrites nor mounts it; delete it",
+    )
+
+
 @dataclass(frozen=True)
 class Issued:
     """Temporary credentials from STS."""
@@ -195,6 +257,38 @@ def secret_manifest(ftj: dict[str, Any], issued: Issued) -> dict[str, Any]:
     }
 
 
+def ownership_test(uid: str) -> list[dict[str, Any]]:
+    """JSON patch `test` operations that hold only for a Secret whose first ownerReference is the
+    FineTuneJob `uid` as controller (as secret_manifest writes it): the API server refuses the
+    whole patch (422) otherwise, before changing anything."""
+    return [
+        {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": uid},
+        {"op": "test", "path": "/metadata/ownerReferences/0/controller", "value": True},
+    ]
+
+
+def renewal_patch(secret: dict[str, Any], uid: str) -> list[dict[str, Any]]:
+    """A JSON patch putting `secret`'s credentials and expiry into the existing Secret, only if the
+    FineTuneJob `uid` controls it (ownership_test)."""
+    meta = secret["metadata"]
+    return [
+        *ownership_test(uid),
+        {"op": "add", "path": "/metadata/annotations", "value": meta["annotations"]},
+        {"op": "add", "path": "/metadata/labels", "value": meta["labels"]},
+        {"op": "add", "path": "/data", "value": secret["data"]},
+    ]
+
+
+def patch_did_not_apply(error: ApiError) -> bool:
+    """Whether the API server refused a JSON patch because an operation did not apply (a `test`
+    that failed, a path that is not there): 422 Invalid with no field causes (Kubernetes 1.34 says
+    only "the server rejected our request due to an error in our request"), unlike a patched object
+    that fails validation (422 naming the fields). renewal_patch's other operations always apply,
+    so for it this means the ownership test failed."""
+    details = error.body.get("details") or {}
+    return error.status == 422 and error.body.get("reason") == "Invalid" and not details.get("causes")
+
+
 def session_name(namespace: str, name: str) -> str:
     """RoleSessionName (at most 64 characters), seen in the storage server's audit log."""
     return short_name(f"{namespace}.{name}", 64)
@@ -241,6 +335,8 @@ class StorageCredentials:
         """(namespace, name) -> (FineTuneJob uid, expiry) of the Secret this process wrote."""
         self._removed: dict[Key, str] = {}
         """(namespace, name) -> uid of the finished job whose Secret this process deleted."""
+        self._failing: dict[Key, tuple[str, datetime]] = {}
+        """(namespace, name) -> (FineTuneJob uid, first failure) while issuing keeps failing."""
 
     def expires(self, namespace: str, name: str, uid: str) -> datetime | None:
         known = self._expires.get((namespace, name))
@@ -248,7 +344,21 @@ class StorageCredentials:
 
     async def ensure(self, ftj: dict[str, Any], job_uri: str) -> datetime:
         """Make sure the job's Secret holds credentials valid beyond renewBeforeSeconds, issuing new
-        ones if not; returns their expiry. Raises the STS or API error (the reconcile retries)."""
+        ones if not; returns their expiry. Raises CredentialsError (since: the first of this run of
+        failures) for what the status shows; other errors (the API server unreachable) as they are."""
+        meta = ftj["metadata"]
+        key, uid = (meta["namespace"], meta["name"]), meta["uid"]
+        try:
+            expires = await self._ensure(ftj, job_uri)
+        except CredentialsError as e:
+            first = self._failing.get(key)
+            since = first[1] if first is not None and first[0] == uid else self._now()
+            self._failing[key] = (uid, since)
+            raise CredentialsError(e.reason, e.message, since) from e.__cause__
+        self._failing.pop(key, None)
+        return expires
+
+    async def _ensure(self, ftj: dict[str, Any], job_uri: str) -> datetime:
         meta = ftj["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         sts = self.cfg.storage.sts
@@ -258,10 +368,13 @@ class StorageCredentials:
         if self._client is None:
             self._client = sts_client(self.cfg)
         policy = session_policy(job_uri, readable_prefixes(namespace, self.cfg))
-        issued = await asyncio.to_thread(
-            assume_role, self._client, policy, sts, session_name(namespace, name)
-        )
-        await self._write(namespace, secret_manifest(ftj, issued))
+        try:
+            issued = await asyncio.to_thread(
+                assume_role, self._client, policy, sts, session_name(namespace, name)
+            )
+        except (BotoCoreError, ClientError) as e:
+            raise assume_role_failed(e, sts, self.cfg.storage.endpoint) from e
+        await self._write(namespace, uid, secret_manifest(ftj, issued))
         self._expires[(namespace, name)] = (uid, issued.expiration)
         log.info(
             "%s storage credentials for %s/%s, valid until %s",
@@ -272,35 +385,57 @@ class StorageCredentials:
         )
         return issued.expiration
 
-    async def _write(self, namespace: str, secret: dict[str, Any]) -> None:
+    async def _write(self, namespace: str, uid: str, secret: dict[str, Any]) -> None:
+        name = secret["metadata"]["name"]
         try:
-            await self.kube.create_secret(namespace, secret)
-        except ConflictError:
-            # Ours from before (a renewal, or a restart), or one someone made under our name: the
-            # Secret is replaced whole, owner included, without reading it.
-            await self.kube.replace_secret(namespace, secret["metadata"]["name"], secret)
+            try:
+                await self.kube.create_secret(namespace, secret)
+            except ConflictError:
+                # Ours from before (a renewal, or a restart), or a namesake: patched only if the job
+                # controls it, without reading it.
+                await self.kube.patch_secret(namespace, name, renewal_patch(secret, uid))
+        except ApiError as e:
+            if patch_did_not_apply(e):
+                raise secret_not_owned(namespace, name) from e
+            why = f"{e.status} {e.body.get('reason') or ''}: {e.body.get('message') or ''}"[:ERROR_LIMIT]
+            raise CredentialsError(
+                REASON_FAILED,
+                f"storage.sts: the job's credentials were issued but the Secret {name} could not be "
+                f"written in namespace {namespace} (the API server answered {why}); the operator needs "
+                "create and patch on Secrets there (the chart grants them with storage.sts.enabled)",
+            ) from e
+        except NotFoundError as e:  # the namespace is being deleted
+            raise CredentialsError(
+                REASON_FAILED, f"storage.sts: the Secret {name} cannot be written: {e}"
+            ) from e
 
     async def remove(self, ftj: dict[str, Any]) -> None:
-        """The job has finished: delete its Secret, once per process (after a restart, one DELETE
-        per finished job, mostly answered 404). Its credentials expire on their own; the owner
-        reference would delete the Secret with the FineTuneJob anyway."""
+        """The job has finished: delete its Secret, once per process (after a restart, one call per
+        finished job, mostly answered 404), and only if the job controls it: the ownership test
+        (a JSON patch that changes nothing) gives the Secret's uid, the DELETE's precondition. Its
+        credentials expire on their own; the owner reference would delete the Secret with the
+        FineTuneJob anyway."""
         meta = ftj["metadata"]
         key = (meta["namespace"], meta["name"])
         if self._removed.get(key) == meta["uid"]:
             return
+        name = secret_name(key[1])
         try:
-            await self.kube.delete_secret(key[0], secret_name(key[1]))
-        except NotFoundError:
-            pass
+            found = await self.kube.patch_secret(key[0], name, ownership_test(meta["uid"]))
+            await self.kube.delete_secret(key[0], name, found["metadata"]["uid"])
+        except (NotFoundError, ConflictError):
+            pass  # none, or replaced between the two calls (the precondition failed)
         except ApiError as e:
-            if e.status != 403:
+            if e.status != 403 and not patch_did_not_apply(e):
                 raise
-            # The chart's policy refused: not a Secret of ours (a namesake someone else made).
-            log.warning("did not delete Secret %s/%s: %s", key[0], secret_name(key[1]), e)
+            # Not this job's (the ownership test; 403: the chart's Secret policy).
+            log.warning("did not delete Secret %s/%s: not this job's: %s", key[0], name, e)
         self._removed[key] = meta["uid"]
         self._expires.pop(key, None)
+        self._failing.pop(key, None)
 
     def forget(self, namespace: str, name: str) -> None:
         """The FineTuneJob is gone (its Secret with it, by the owner reference)."""
         self._expires.pop((namespace, name), None)
         self._removed.pop((namespace, name), None)
+        self._failing.pop((namespace, name), None)

@@ -94,6 +94,23 @@ def evaluation_events(
     return out
 
 
+def uris_dropped_event(
+    ftj: dict[str, Any], dropped: list[tuple[str, str]], prefix: str, now: datetime
+) -> dict[str, Any] | None:
+    """A Warning naming each field of the trainer's summary that status left out because its URI
+    is outside the job's storage prefix (status.final_outputs); None when there is none."""
+    if not dropped:
+        return None
+    fields = ", ".join(f"{field} {uri[:200]!r}" for field, uri in dropped)
+    return event(
+        ftj,
+        "Warning",
+        "UriOutsideJobPrefix",
+        f"left out of status: {fields}: not under the job's storage prefix {prefix}",
+        now,
+    )
+
+
 async def post(kube: Kube, event: dict[str, Any]) -> None:
     """Post an event; failing to is logged, never fatal (events are best effort by design)."""
     try:

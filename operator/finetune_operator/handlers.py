@@ -34,7 +34,7 @@ import kopf
 from finetune_operator import events
 from finetune_operator.api import API_GROUP, API_VERSION, PLURAL, FineTuneJobSpec
 from finetune_operator.config import OperatorConfig
-from finetune_operator.credentials import StorageCredentials, removal_due, uses_sts
+from finetune_operator.credentials import CredentialsError, StorageCredentials, removal_due, uses_sts
 from finetune_operator.jobbuilder import (
     InvalidJobError,
     build_job,
@@ -53,7 +53,9 @@ from finetune_operator.refusals import PodCreateFailure, job_refusal, pod_create
 from finetune_operator.status import (
     cannot_start,
     create_refused_status,
+    credentials_status,
     derive_status,
+    final_outputs,
     invalid_status,
     parse_time,
     transition,
@@ -337,7 +339,40 @@ class Controller:
                 key, ftj, lambda obj: invalid_status(obj, field, message, _now(), reason=reason)
             )
             return
-        await self._storage_credentials(ftj, phase)
+        renewal: CredentialsError | None = None
+        try:
+            await self._storage_credentials(ftj, phase)
+        except CredentialsError as e:
+            if job is None:
+                await self._credentials_failed(key, ftj, e)
+                return
+            renewal = e  # a renewal: the credentials it holds still work, its status goes on
+        await self._reconcile_job(key, ftj, phase, spec, job)
+        if renewal is not None:
+            raise renewal  # retried with backoff
+
+    async def _credentials_failed(self, key: Key, ftj: dict[str, Any], error: CredentialsError) -> None:
+        """The job's credentials could not be provided before its Job exists: status says why and
+        the reconcile is retried with backoff (raised) until that has lasted podCreateGraceSeconds;
+        then the job has Failed with that reason, and no Job is made."""
+        grace = self.cfg.pod_create_grace_seconds
+        status = await self._write_status(
+            key,
+            ftj,
+            lambda obj: credentials_status(obj, error, _now(), grace),
+        )
+        if status.get("phase") != "Failed":
+            raise error
+
+    async def _reconcile_job(
+        self,
+        key: Key,
+        ftj: dict[str, Any],
+        phase: str | None,
+        spec: FineTuneJobSpec | InvalidJobError,
+        job: dict[str, Any] | None,
+    ) -> None:
+        """Create or adopt the Job, keep its mutable spec in step, and derive status from it."""
         if job is None and phase in ("Succeeded", "Failed"):
             return  # nothing left to observe (the Job was deleted): the final status stands
         if job is None:
@@ -391,6 +426,7 @@ class Controller:
         secrets = secret_fields(ftj, self.cfg) if cannot_start(pods) else {}
         grace = self.cfg.secret_missing_grace_seconds
         pod_failure = await self._pod_create_failure(key, job, pods, phase)
+        prefix = resolved_storage(ftj, self.cfg)["uri"]
 
         def compute(obj: dict[str, Any]) -> dict[str, Any]:
             return derive_status(
@@ -404,6 +440,7 @@ class Controller:
                 secret_fields=secrets,
                 pod_failure=pod_failure,
                 pod_grace=self.cfg.pod_create_grace_seconds,
+                storage_prefix=prefix,
             )
 
         status = await self._write_status(
@@ -584,6 +621,13 @@ class Controller:
                 extra={"fields": {**_fields(key), "phase": moved[1], "reason": reason}},
             )
             self._post(events.transition_event(new, moved, reason, message, _now()))
+        if pods and patch.keys() & {"summary", "artifacts"}:
+            # The final summary's first write: say which of its URIs status left out, and why.
+            prefix = resolved_storage(new, self.cfg)["uri"]
+            final = final_outputs(pods, (new.get("status") or {}).get("phase") == "Succeeded", prefix)
+            dropped = events.uris_dropped_event(new, final.dropped, prefix, _now())
+            if dropped is not None:
+                self._post(dropped)
 
     def _post(self, event: dict[str, Any]) -> None:
         """Post an Event in the background (a status write never waits for one)."""

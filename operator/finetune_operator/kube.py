@@ -132,12 +132,16 @@ class Kube:
     async def create_secret(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
         return await self._raw("POST", f"/api/v1/namespaces/{namespace}/secrets", manifest)
 
-    async def replace_secret(self, namespace: str, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
-        """PUT without a resourceVersion: an unconditional replace, so the Secret is never read."""
-        return await self._raw("PUT", f"/api/v1/namespaces/{namespace}/secrets/{name}", manifest)
+    async def patch_secret(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        """A JSON patch: its `test` operations make it conditional without reading the Secret."""
+        return await self._raw(
+            "PATCH", f"/api/v1/namespaces/{namespace}/secrets/{name}", ops, "application/json-patch+json"
+        )
 
-    async def delete_secret(self, namespace: str, name: str) -> None:
-        await self._raw("DELETE", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    async def delete_secret(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the Secret, only that very one (uid precondition)."""
+        body = {"preconditions": {"uid": uid}}
+        await self._raw("DELETE", f"/api/v1/namespaces/{namespace}/secrets/{name}", body)
 
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
         return await self._raw("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")

@@ -259,16 +259,9 @@ def uri_refusal(report: dict[str, Any], prefix: str) -> str | None:
         if not isinstance(entry, dict) or "uri" not in entry:
             continue
         uri = entry["uri"]
-        if not isinstance(uri, str) or not within(uri, prefix):
+        if not isinstance(uri, str) or not admission.within(uri, prefix):
             return f"{where} {str(uri)[:200]!r} is not under the job's storage prefix {prefix}"
     return None
-
-
-def within(uri: str, prefix: str) -> bool:
-    """Whether `uri` is under `prefix` (by whole segments for s3://; plain prefix otherwise)."""
-    if prefix.startswith("s3://"):
-        return admission.under(uri, prefix) and admission.s3_segments(uri) is not None
-    return uri.startswith(prefix.rstrip("/") + "/") and "/../" not in uri
 
 
 @dataclass

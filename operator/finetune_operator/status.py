@@ -18,6 +18,8 @@ from finetune_trainer.contract import MAX_CLOCK_SKEW
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
 from finetune_trainer.timestamps import rfc3339
 
+from finetune_operator.admission import within
+from finetune_operator.credentials import CredentialsError
 from finetune_operator.jobbuilder import CONTAINER
 from finetune_operator.naming import LABEL_KUEUE_QUEUE
 from finetune_operator.refusals import PodCreateFailure
@@ -321,25 +323,56 @@ def _completion_time(job: dict[str, Any], observed: Observed, now: datetime) -> 
     return done or rfc3339(now)
 
 
-def _summary_and_artifacts(
-    pods: list[dict[str, Any]], succeeded: bool
-) -> tuple[dict[str, Any] | None, list[Any]]:
-    """The final summary's scalar figures and its artifacts, from the newest terminated pod."""
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class FinalOutputs:
+    """What the trainer's final summary puts into status."""
+
+    summary: dict[str, Any] | None
+    """Its scalar figures."""
+    artifacts: list[Any]
+    dropped: list[tuple[str, str]]
+    """(status field, URI) of each URI left out because it is outside the job's storage prefix."""
+
+
+def _is_uri(key: str, value: Any) -> bool:
+    return isinstance(value, str) and (key.endswith("Uri") or _URI.match(value) is not None)
+
+
+def final_outputs(pods: list[dict[str, Any]], succeeded: bool, prefix: str | None = None) -> FinalOutputs:
+    """The final summary's scalar figures and its artifacts, from the newest terminated pod. With
+    `prefix` (the job's storage prefix) without any URI outside it, as for a progress report's
+    (progress_server.uri_refusal): the summary is the pod's own word, and status must never point
+    at another tenant's data. A summary field is a URI when its name ends in `Uri` or its value has
+    a scheme (`s3://...`)."""
     for pod in reversed(_by_age(pods)):
         term = _terminated(pod)
         if term is None or (succeeded and term.get("exitCode") != 0):
             continue
         doc = parse_summary(term.get("message"))
         if doc is None:
-            return None, []
+            return FinalOutputs(None, [], [])
         scalars = {k: v for k, v in doc.items() if v is None or isinstance(v, str | int | float | bool)}
         artifacts = [
             {k: a[k] for k in ("name", "uri", "sizeBytes", "sha256")}
             for a in doc.get("artifacts") or []
             if isinstance(a, dict) and all(k in a for k in ("name", "uri", "sizeBytes", "sha256"))
         ]
-        return scalars, artifacts
-    return None, []
+        if prefix is None:
+            return FinalOutputs(scalars, artifacts, [])
+        dropped = [(f"summary.{k}", v) for k, v in scalars.items() if _is_uri(k, v) and not within(v, prefix)]
+        dropped += [
+            (f"artifacts[{i}].uri", str(a["uri"]))
+            for i, a in enumerate(artifacts)
+            if not (isinstance(a["uri"], str) and within(a["uri"], prefix))
+        ]
+        fields = {f for f, _ in dropped}
+        scalars = {k: v for k, v in scalars.items() if f"summary.{k}" not in fields}
+        artifacts = [a for i, a in enumerate(artifacts) if f"artifacts[{i}].uri" not in fields]
+        return FinalOutputs(scalars, artifacts, dropped)
+    return FinalOutputs(None, [], [])
 
 
 def _condition(
@@ -649,13 +682,15 @@ def derive_status(
     secret_fields: dict[str, str] | None = None,
     pod_failure: PodCreateFailure | None = None,
     pod_grace: float = 300.0,
+    storage_prefix: str | None = None,
 ) -> dict[str, Any]:
     """A merge patch for `.status` (empty when nothing changed). `pods` are the Job's pods;
     `workload` its Kueue Workload, if any; `progress_report` the newest report from the trainer
     (ignored when not newer than status). With `secret_grace`, a pod unable to start for want of a
     Secret that long fails the job (`secret_fields`: Secret name -> the spec field naming it, for
     the message). `pod_failure`: why the Job controller cannot create the pod
-    (refusals.pod_create_failure), failing the job after `pod_grace` seconds.
+    (refusals.pod_create_failure), failing the job after `pod_grace` seconds. `storage_prefix`: the
+    job's own; URIs of the final summary outside it stay out of status (final_outputs).
 
     status.usage (GPU-seconds, time queued) is brought up to now whenever the patch writes anything
     else, and always at a phase change, so it never costs a write of its own."""
@@ -690,11 +725,11 @@ def derive_status(
     if observed.phase in ("Succeeded", "Failed") and job is not None:
         new["completionTime"] = status.get("completionTime") or _completion_time(job, observed, now)
         if not status.get("summary"):
-            summary, artifacts = _summary_and_artifacts(pods, observed.phase == "Succeeded")
-            if summary:
-                new["summary"] = summary
-            if artifacts:
-                new["artifacts"] = artifacts
+            final = final_outputs(pods, observed.phase == "Succeeded", storage_prefix)
+            if final.summary:
+                new["summary"] = final.summary
+            if final.artifacts:
+                new["artifacts"] = final.artifacts
     summary = new.get("summary") or status.get("summary") or {}
     final_checkpoint = checkpoint_from_summary(summary, status.get("checkpoint"))
     if observed.phase in ("Succeeded", "Failed") and final_checkpoint:
@@ -759,6 +794,42 @@ def create_refused_status(ftj: dict[str, Any], field: str, message: str, now: da
         "observedGeneration": generation,
         "conditions": conditions_for(status.get("conditions") or [], observed, None, generation, now),
     }
+    return {k: v for k, v in new.items() if status.get(k) != v}
+
+
+def credentials_observed(error: CredentialsError, now: datetime, grace: float) -> Observed:
+    """Pending while the job's storage credentials cannot be issued or written (the operator
+    retries), Failed once that has lasted `grace` seconds (podCreateGraceSeconds: no pod can start
+    without them, as with a pod the Job controller cannot create)."""
+    since = error.since or now
+    waited = (now - since).total_seconds()
+    if waited >= grace:
+        message = (
+            f"the job's storage credentials could not be provided for {waited:.0f}s: {error.message}; "
+            "then create the job again"
+        )
+        return Observed("Failed", error.reason, message[:MESSAGE_LIMIT])
+    deadline = rfc3339(since + timedelta(seconds=grace))
+    message = f"{error.message}; retrying (the job fails if this lasts {grace:.0f}s, at {deadline})"
+    return Observed("Pending", error.reason, message[:MESSAGE_LIMIT])
+
+
+def credentials_status(
+    ftj: dict[str, Any], error: CredentialsError, now: datetime, grace: float
+) -> dict[str, Any]:
+    """Status patch for a job without a Job whose storage credentials failed: Pending with the
+    reason and what to fix, Failed once that has lasted `grace` seconds."""
+    status = ftj.get("status") or {}
+    generation = ftj["metadata"].get("generation")
+    observed = credentials_observed(error, now, grace)
+    new = {
+        "phase": observed.phase,
+        "message": observed.message,
+        "observedGeneration": generation,
+        "conditions": conditions_for(status.get("conditions") or [], observed, None, generation, now),
+    }
+    if observed.phase == "Failed":
+        new["completionTime"] = status.get("completionTime") or rfc3339(now)
     return {k: v for k, v in new.items() if status.get(k) != v}
 
 

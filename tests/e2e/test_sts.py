@@ -5,6 +5,7 @@ the per-job credentials the operator issued, renewed while it runs, gone when it
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 from chart_install import installed_chart
 from e2e.harness import HOST_PROCESS_IMAGE, OperatorProcess, install_crd, operator_config, tiny_job
 from finetune_operator.credentials import ANNOTATION_EXPIRES, CREDENTIALS_KEY, secret_name
+from finetune_operator.kube import ApiError, Kube
+from kubernetes import config
 from localkube.cluster import wait
 from localkube.minio import REGION, MinIO, require_minio, start_minio
 from trainer_fixtures import alpaca_rows, write_jsonl
@@ -29,6 +32,8 @@ DURATION = 900
 """MinIO's (and AWS's) shortest lifetime."""
 RENEW_BEFORE = 880
 """So the reconcile renews about 20 s after each issue: several renewals within one short job."""
+POD_CREATE_GRACE = 20
+"""How long a job waits for credentials it cannot get before it fails (podCreateGraceSeconds)."""
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,7 @@ def sts(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
     cfg = operator_config(s3)
     cfg["storage"]["sts"] = {"enabled": True, "durationSeconds": DURATION, "renewBeforeSeconds": RENEW_BEFORE}
     cfg["storage"]["credentialsSecret"] = "no-such-secret"  # must not be what the pod uses
+    cfg["podCreateGraceSeconds"] = POD_CREATE_GRACE
     keys = {"AWS_ACCESS_KEY_ID": minio.root_user, "AWS_SECRET_ACCESS_KEY": minio.root_password}
     try:
         with installed_chart(cluster, workdir, *values, namespace=release_ns) as chart:
@@ -122,7 +128,7 @@ def test_job_trains_on_scoped_credentials_renewed_while_it_runs(
 def test_the_operators_secret_rights_reach_only_per_job_credentials_secrets(
     sts: tuple[MinIO, OperatorProcess], cluster: Any
 ) -> None:
-    """As the operator's ServiceAccount (what a stolen token could do): create, update and delete
+    """As the operator's ServiceAccount (what a stolen token could do): create, patch and delete
     on Secrets are granted, yet the chart's policy refuses any Secret that is not a per-job
     credentials Secret, so a tenant's Secret can be neither overwritten nor deleted; reading is
     not granted at all."""
@@ -136,21 +142,63 @@ def test_the_operators_secret_rights_reach_only_per_job_credentials_secrets(
             input=stdin, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
-    forged = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "victim-storage", "namespace": ns},
-              "data": {CREDENTIALS_KEY: base64.b64encode(b"{}").decode()}}  # fmt: skip
-    for args in (("replace", "-f", "-"), ("create", "-f", "-")):
-        body = (
-            forged
-            if args[0] == "replace"
-            else {**forged, "metadata": {"name": "new-storage", "namespace": ns}}
-        )
-        done = as_operator(*args, stdin=json.dumps(body))
-        assert done.returncode != 0 and "may write and delete only the per-job credentials" in done.stderr, (
-            done
-        )
+    data = {CREDENTIALS_KEY: base64.b64encode(b"{}").decode()}
+    forged = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "new-storage", "namespace": ns},
+              "data": data}  # fmt: skip
+    done = as_operator("create", "-f", "-", stdin=json.dumps(forged))
+    assert done.returncode != 0 and "may write and delete only the per-job credentials" in done.stderr, done
+    done = as_operator(
+        "replace",
+        "-f",
+        "-",
+        stdin=json.dumps({**forged, "metadata": {"name": "victim-storage", "namespace": ns}}),
+    )
+    assert done.returncode != 0 and "forbidden" in done.stderr.lower(), done  # no update right at all
+    # A patch as the operator sends it (kubectl patch would GET first, which is not granted).
+    with pytest.raises(ApiError) as patched:
+        asyncio.run(Kube(config.new_client_from_config(str(operator.kubeconfig))).patch_secret(
+            ns, "victim-storage", [{"op": "add", "path": "/data", "value": data}]))  # fmt: skip
+    assert patched.value.status == 403 and "may write and delete only the per-job credentials" in str(
+        patched.value
+    )
     done = as_operator("delete", "secret", "victim-storage", "-n", ns)
     assert done.returncode != 0 and "may write and delete only the per-job credentials" in done.stderr, done
     done = as_operator("get", "secret", "victim-storage", "-n", ns)
     assert done.returncode != 0 and "forbidden" in done.stderr.lower(), done
     kept = cluster.get("secret", "victim-storage", ns)
     assert base64.b64decode(kept["data"]["token"]) == b"t"
+
+
+def test_a_planted_storage_secret_is_neither_overwritten_nor_mounted_and_the_job_fails(
+    sts: tuple[MinIO, OperatorProcess], cluster: Any, tmp_path: Path
+) -> None:
+    """A tenant creates `<job>-storage` with keys of their choosing before the job: the operator
+    leaves it as it is, makes no Job (so nothing mounts it), says why in status while it retries
+    (Pending, StorageSecretNotOwned, naming the Secret) and fails the job after
+    podCreateGraceSeconds."""
+    ns = cluster.namespace
+    planted = json.dumps({"Version": 1, "AccessKeyId": "tenant-key", "SecretAccessKey": "tenant-secret"})
+    cluster.kubectl(
+        "create", "secret", "generic", "p1-storage", "-n", ns, f"--from-literal={CREDENTIALS_KEY}={planted}"
+    )
+    cluster.apply(
+        {**tiny_job("p1", tmp_path, tmp_path / "rows.jsonl"), "metadata": {"name": "p1", "namespace": ns}}
+    )
+
+    def seen(phase: str) -> dict[str, Any] | None:
+        status = cluster.get("finetunejob", "p1", ns).get("status") or {}
+        reasons = {c.get("reason") for c in status.get("conditions") or []}
+        return status if status.get("phase") == phase and reasons == {"StorageSecretNotOwned"} else None
+
+    pending = wait("p1 Pending for its planted Secret", lambda: seen("Pending"), timeout=60, interval=1)
+    assert pending["message"].startswith(
+        f"Secret p1-storage exists in namespace {ns} and is not owned by this"
+    )
+    assert "retrying (the job fails if this lasts 20s" in pending["message"]
+    failed = wait("p1 Failed", lambda: seen("Failed"), timeout=POD_CREATE_GRACE + 60, interval=1)
+    assert "could not be provided for" in failed["message"] and "p1-storage" in failed["message"]
+
+    assert cluster.kubectl("get", "job", "p1", "-n", ns, check=False).returncode != 0
+    kept = cluster.get("secret", "p1-storage", ns)
+    assert base64.b64decode(kept["data"][CREDENTIALS_KEY]).decode() == planted
+    assert not kept["metadata"].get("ownerReferences") and not kept["metadata"].get("annotations")

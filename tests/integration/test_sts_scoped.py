@@ -4,7 +4,8 @@ finetune_operator.credentials lets a job's credentials do, and what it refuses.
 team-a/a1 gets credentials the operator's way (session_policy + AssumeRole with the platform's
 credentials); the server, not our code, decides every allow and deny below. The trainer's own S3
 store then runs on them through the mounted-file path (FINETUNE_S3_CREDENTIALS_FILE), renewal
-included. The per-job Secret on a real API server is at the end (marked cluster).
+included. The per-job Secret on a real API server is at the end (marked cluster): written, renewed
+and removed; STS refusing or unreachable; a Secret of that name the job does not own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,10 +21,15 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from e2e.harness import install_crd
 from finetune_operator.config import OperatorConfig
 from finetune_operator.credentials import (
     ANNOTATION_EXPIRES,
     CREDENTIALS_KEY,
+    MINIO_ROLE_ARN,
+    REASON_FAILED,
+    REASON_NOT_OWNED,
+    CredentialsError,
     Issued,
     StorageCredentials,
     assume_role,
@@ -31,6 +38,8 @@ from finetune_operator.credentials import (
     session_policy,
 )
 from finetune_operator.jobbuilder import resolved_storage
+from finetune_operator.naming import owner_reference
+from finetune_operator.status import credentials_status
 from localkube.minio import MinIO, require_minio, start_minio
 
 BUCKET = "ml-artifacts"
@@ -210,6 +219,15 @@ def test_trainer_store_works_on_the_mounted_file_and_follows_a_renewal(
         storage._shared_session.cache_clear()
 
 
+def job_on_cluster(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
+    """A FineTuneJob created on the API server (no operator runs): its uid is the server's."""
+    install_crd(cluster)  # waits for Established, which `kubectl wait` does not on a loaded machine
+    job = ftj(namespace, name)
+    job["metadata"].pop("uid")
+    cluster.apply(job)
+    return cluster.get("finetunejob", name, namespace)
+
+
 @pytest.mark.cluster
 def test_operator_writes_an_owned_secret_renews_it_and_it_goes_with_the_job(
     minio: MinIO, cluster: Any
@@ -219,13 +237,8 @@ def test_operator_writes_an_owned_secret_renews_it_and_it_goes_with_the_job(
     garbage collector deletes it with the FineTuneJob."""
     from finetune_operator.kube import Kube
 
-    cluster.kubectl("apply", "--server-side", "-f", str(Path(__file__).resolve().parents[2] / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
     namespace = cluster.new_namespace("sts")
-    job = ftj(namespace)
-    job["metadata"].pop("uid")
-    cluster.apply(job)
-    job = cluster.get("finetunejob", "a1", namespace)
+    job = job_on_cluster(cluster, namespace, "a1")
 
     clock = [datetime.now(UTC)]
     kube = Kube(cluster.api_client())
@@ -268,3 +281,105 @@ def test_operator_writes_an_owned_secret_renews_it_and_it_goes_with_the_job(
     )
     out = cluster.kubectl("get", "secrets", "-n", namespace, "-o", "name")
     assert secret_name("a1") not in str(out)
+
+
+@pytest.mark.cluster
+def test_sts_refused_or_unreachable_is_said_naming_storage_sts_and_the_code_and_writes_no_secret(
+    minio: MinIO, cluster: Any, tmp_path: Path
+) -> None:
+    """AssumeRole refused by the real MinIO (the operator's keys are not a user of it) and MinIO
+    stopped: a CredentialsError with the reason status shows, naming storage.sts and what the
+    server or the SDK said, never a key; one run of failures keeps its first time (the grace is
+    counted from it); no Secret is written, so no Job could mount one."""
+    from finetune_operator.kube import Kube
+
+    namespace = cluster.new_namespace("sts-fail")
+    job = job_on_cluster(cluster, namespace, "a1")
+    uri = resolved_storage(job, CFG)["uri"]
+    kube = Kube(cluster.api_client())
+    clock = [datetime.now(UTC)]
+    wrong_key = secrets.token_hex(16)
+    refused = StorageCredentials(
+        CFG, kube, minio.client("sts", access_key="not-a-user", secret_key=wrong_key), now=lambda: clock[0]
+    )
+
+    with pytest.raises(CredentialsError) as first:
+        asyncio.run(refused.ensure(job, uri))
+    error = first.value
+    assert error.reason == REASON_FAILED and error.since == clock[0]
+    assert error.message.startswith(f"storage.sts: AssumeRole of {MINIO_ROLE_ARN} at ")
+    assert "(AccessDenied: The Access Key Id you provided does not exist in our records.)" in error.message
+    assert wrong_key not in error.message and minio.root_password not in error.message
+    started = clock[0]
+    clock[0] += timedelta(seconds=45)
+    with pytest.raises(CredentialsError) as again:
+        asyncio.run(refused.ensure(job, uri))
+    assert again.value.since == started
+    # What status makes of it: Pending within the grace, Failed once it has lasted that long.
+    assert credentials_status(job, again.value, clock[0], grace=60)["phase"] == "Pending"
+    assert credentials_status(job, again.value, clock[0], grace=45)["phase"] == "Failed"
+
+    stopped = start_minio(tmp_path, buckets=())
+    gone = stopped.client("sts")
+    stopped.stop()
+    with pytest.raises(CredentialsError) as down:
+        asyncio.run(StorageCredentials(CFG, kube, gone).ensure(job, uri))
+    assert down.value.reason == REASON_FAILED
+    assert "EndpointConnectionError: Could not connect to the endpoint URL" in down.value.message
+    assert stopped.root_password not in down.value.message
+
+    assert cluster.kubectl("get", "secret", secret_name("a1"), "-n", namespace, check=False).returncode != 0
+
+
+@pytest.mark.cluster
+def test_a_secret_the_job_does_not_own_is_never_overwritten_nor_deleted(minio: MinIO, cluster: Any) -> None:
+    """A `<job>-storage` Secret made by a tenant (keys of their choosing) or owned by another
+    FineTuneJob: the operator's write is refused by the API server's answer to the ownership test,
+    the Secret keeps its keys and its owners, and the job's removal leaves it; once it is gone the
+    job's own Secret is written, renewed through the same test, and removed."""
+    from finetune_operator.kube import Kube
+
+    namespace = cluster.new_namespace("sts-foreign")
+    job = job_on_cluster(cluster, namespace, "a2")
+    other = job_on_cluster(cluster, namespace, "a3")
+    uri = resolved_storage(job, CFG)["uri"]
+    name = secret_name("a2")
+    clock = [datetime.now(UTC)]
+    issuer = StorageCredentials(CFG, Kube(cluster.api_client()), minio.client("sts"), now=lambda: clock[0])
+    planted = {CREDENTIALS_KEY: base64.b64encode(b'{"Version":1,"AccessKeyId":"tenant-key"}').decode()}
+
+    for owners in ([], [owner_reference(other)]):
+        cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": name, "namespace": namespace, "ownerReferences": owners},
+                "data": planted,
+            }
+        )
+        with pytest.raises(CredentialsError) as refused:
+            asyncio.run(issuer.ensure(job, uri))
+        assert refused.value.reason == REASON_NOT_OWNED, refused.value.message
+        assert refused.value.message.startswith(
+            f"Secret {name} exists in namespace {namespace} and is not owned by this FineTuneJob"
+        )
+        kept = cluster.get("secret", name, namespace)
+        assert kept["data"] == planted
+        assert kept["metadata"].get("ownerReferences", []) == owners
+        assert ANNOTATION_EXPIRES not in (kept["metadata"].get("annotations") or {})
+
+        asyncio.run(issuer.remove(job))  # the job finished: its own Secret would go, this one stays
+        assert cluster.get("secret", name, namespace)["data"] == planted
+        issuer.forget(namespace, "a2")
+        cluster.kubectl("delete", "secret", name, "-n", namespace)
+
+    expires = asyncio.run(issuer.ensure(job, uri))
+    secret = cluster.get("secret", name, namespace)
+    assert secret["metadata"]["ownerReferences"] == [owner_reference(job)]
+    first = json.loads(base64.b64decode(secret["data"][CREDENTIALS_KEY]))["AccessKeyId"]
+    clock[0] = expires - timedelta(seconds=CFG.storage.sts.renew_before_seconds)
+    asyncio.run(issuer.ensure(job, uri))
+    renewed = cluster.get("secret", name, namespace)
+    assert json.loads(base64.b64decode(renewed["data"][CREDENTIALS_KEY]))["AccessKeyId"] != first
+    asyncio.run(issuer.remove(job))
+    assert cluster.kubectl("get", "secret", name, "-n", namespace, check=False).returncode != 0

@@ -350,7 +350,7 @@ STS = (
 
 
 def test_sts_grants_write_only_secret_rights_and_admits_only_the_jobs_own_secret():
-    """Scoped storage credentials (config.storage.sts): the operator gets create/update/delete on
+    """Scoped storage credentials (config.storage.sts): the operator gets create/patch/delete on
     Secrets and never get/list/watch; the platform's keys reach only the operator's container; the
     Job policy admits exactly the `<job>-storage` Secret volume, and a Secret policy binds the
     operator's writes to such Secrets."""
@@ -362,7 +362,7 @@ def test_sts_grants_write_only_secret_rights_and_admits_only_the_jobs_own_secret
     for role in roles:
         assert role["rules"] == [
             *NAMESPACED_RULES,
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "update", "delete"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete"]},
         ]
     env = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     refs = {

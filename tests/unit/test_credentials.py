@@ -1,6 +1,7 @@
 """Scoped storage credentials (storage.sts): the session policy, the per-job Secret, renewal timing,
-the Job that mounts them, and the trainer's re-reading of the mounted file. The policy's effect on
-a real server is tests/integration/test_sts_scoped.py."""
+the Job that mounts them, the trainer's re-reading of the mounted file, and what a failure says.
+The policy's effect on a real server, and the API server's answer to the ownership test, are
+tests/integration/test_sts_scoped.py."""
 
 from __future__ import annotations
 
@@ -10,21 +11,30 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
 from finetune_operator.config import ConfigFileError, OperatorConfig, load_config
 from finetune_operator.credentials import (
     ANNOTATION_EXPIRES,
     CREDENTIALS_KEY,
     ENV_CREDENTIALS_FILE,
     MOUNT_DIR,
+    REASON_FAILED,
+    REASON_NOT_OWNED,
     Issued,
+    assume_role_failed,
+    ownership_test,
+    patch_did_not_apply,
     readable_prefixes,
     removal_due,
     renewal_due,
+    renewal_patch,
     secret_manifest,
     secret_name,
+    secret_not_owned,
     session_policy,
 )
 from finetune_operator.jobbuilder import build_job, secret_fields, trainer_manifest
+from finetune_operator.kube import ApiError
 from finetune_trainer.storage import FileCredentialProvider
 
 STS = OperatorConfig.model_validate(
@@ -279,3 +289,68 @@ def test_trainer_rereads_the_credentials_file_once_they_near_expiry(tmp_path: Pa
     write("RENEWED", 3600)  # the kubelet's update of the mounted Secret
     assert near.get_frozen_credentials().access_key == "RENEWED"
     assert near.get_frozen_credentials().token == "t"
+
+
+def test_an_sts_refusal_is_said_with_storage_sts_the_role_and_the_servers_code_never_a_key() -> None:
+    refused = ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "Access Denied."}, "ResponseMetadata": {}},
+        "AssumeRole",
+    )
+    sts = STS.storage.sts.model_copy(update={"role_arn": "arn:aws:iam::1:role/finetune"})
+    error = assume_role_failed(refused, sts, "http://minio:9000")
+    assert error.reason == REASON_FAILED
+    assert error.message.startswith(
+        "storage.sts: AssumeRole of arn:aws:iam::1:role/finetune at http://minio:9000"
+    )
+    assert "(AccessDenied: Access Denied.)" in error.message
+    # Unreachable: the SDK's own words; without a role MinIO's placeholder, without an endpoint AWS.
+    down = assume_role_failed(
+        EndpointConnectionError(endpoint_url="http://minio:9000/"), STS.storage.sts, None
+    )
+    assert "EndpointConnectionError: Could not connect to the endpoint URL" in down.message
+    assert "arn:minio:iam:::role/finetune-operator at AWS STS" in down.message
+
+
+def test_a_secret_the_job_does_not_control_is_named_with_why_it_is_left_alone() -> None:
+    error = secret_not_owned("team-a", "a1-storage")
+    assert error.reason == REASON_NOT_OWNED
+    assert error.message.startswith("Secret a1-storage exists in namespace team-a and is not owned by this")
+    assert "neither overwrites nor mounts it" in error.message
+
+
+def test_a_renewal_patch_tests_the_jobs_controller_reference_before_it_writes() -> None:
+    expires = datetime(2026, 12, 3, 10, 0, 5, tzinfo=UTC)
+    secret = secret_manifest(ftj(), Issued("AKIA1", "secret1", "token1", expires))
+    ops = renewal_patch(secret, "uid-1")
+    # Tests first: the API server applies none of it unless both hold (JSON patch is atomic).
+    assert (
+        ops[:2]
+        == ownership_test("uid-1")
+        == [
+            {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": "uid-1"},
+            {"op": "test", "path": "/metadata/ownerReferences/0/controller", "value": True},
+        ]
+    )
+    assert ops[2:] == [
+        {"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION_EXPIRES: "2026-12-03T10:00:05Z"}},
+        {"op": "add", "path": "/metadata/labels", "value": secret["metadata"]["labels"]},
+        {"op": "add", "path": "/data", "value": secret["data"]},
+    ]
+    assert not any("ownerReferences" in op["path"] for op in ops[2:])  # the owner is never rewritten
+
+
+def test_only_a_patch_that_did_not_apply_counts_as_a_failed_ownership_test() -> None:
+    # The body Kubernetes 1.34 sends when a `test` fails (tests/integration/test_sts_scoped.py).
+    failed_test = {
+        "kind": "Status",
+        "status": "Failure",
+        "reason": "Invalid",
+        "details": {},
+        "code": 422,
+        "message": "the server rejected our request due to an error in our request",
+    }
+    causes = [{"field": "metadata.annotations", "reason": "FieldValueInvalid"}]
+    invalid = {**failed_test, "message": 'Secret "a1-storage" is invalid', "details": {"causes": causes}}
+    assert patch_did_not_apply(ApiError(422, "PATCH", failed_test))
+    assert not patch_did_not_apply(ApiError(422, "PATCH", invalid))
+    assert not patch_did_not_apply(ApiError(403, "PATCH", {**failed_test, "reason": "Forbidden"}))

@@ -1,11 +1,21 @@
-"""Status derivation: phases, conditions, failure messages, preemption counting, stale progress."""
+"""Status derivation: phases, conditions, failure messages, preemption counting, stale progress,
+storage credentials that fail, and summary URIs outside the job's prefix."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
 
-from finetune_operator.status import derive_status, invalid_status, progress_patch, transition
+from finetune_operator.credentials import CredentialsError
+from finetune_operator.events import uris_dropped_event
+from finetune_operator.status import (
+    credentials_status,
+    derive_status,
+    final_outputs,
+    invalid_status,
+    progress_patch,
+    transition,
+)
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -518,3 +528,86 @@ def test_data_parallel_progress_shows_each_ranks_gpu_memory() -> None:
     assert p["progress"]["ranks"] == 2
     assert p["progress"]["gpuMemoryPerRankGib"] == [21.5, 20.9]
     assert p["progress"]["gpuMemoryGib"] == 21.5
+
+
+def test_storage_credentials_failing_is_pending_with_the_reason_then_failed_after_the_grace() -> None:
+    error = CredentialsError(
+        "StorageCredentialsFailed",
+        "storage.sts: AssumeRole of arn:minio:iam:::role/finetune-operator at http://minio:9000 failed "
+        "(InvalidClientTokenId: The security token included in the request is invalid)",
+        since=NOW - timedelta(seconds=100),
+    )
+    p = credentials_status(ftj(), error, NOW, grace=300)
+    assert p["phase"] == "Pending" and "completionTime" not in p
+    assert by_type(p)["Failed"] == {**by_type(p)["Failed"], "status": "False", "reason": error.reason}
+    assert (
+        p["message"]
+        == f"{error.message}; retrying (the job fails if this lasts 300s, at 2025-03-01T12:03:20Z)"
+    )
+    # Retried while it lasts: the same message (its deadline fixed by `since`), nothing to write.
+    f = apply(ftj(), p)
+    assert credentials_status(f, error, NOW + timedelta(seconds=60), grace=300) == {}
+
+    done = credentials_status(f, error, NOW + timedelta(seconds=200), grace=300)
+    assert done["phase"] == "Failed" and done["completionTime"] == "2025-03-01T12:03:20Z"
+    assert by_type(done)["Failed"]["status"] == "True"
+    assert by_type(done)["Failed"]["reason"] == "StorageCredentialsFailed"
+    assert done["message"] == (
+        f"the job's storage credentials could not be provided for 300s: {error.message}; "
+        "then create the job again"
+    )
+
+
+def test_summary_uris_outside_the_jobs_prefix_stay_out_of_status_and_are_named() -> None:
+    own = "s3://b/jobs/ns/j"
+    summary = {
+        "exitReason": "completed",
+        "finalLoss": 1.2,
+        "adapterUri": "s3://b/jobs/ns/other/export/adapter/",  # another job of the namespace
+        "mergedUri": f"{own}/export/merged/",
+        "exportedTo": "s3://b/jobs/team-b/b1/export/",  # any field holding a URI
+        "checkpointUri": f"{own}/../b1/checkpoints/step-00000040/",
+        "checkpointStep": 40,
+        "message": "done",
+        "artifacts": [
+            {"name": "adapter", "uri": f"{own}/export/adapter/", "sizeBytes": 10, "sha256": "ab" * 32},
+            {
+                "name": "gguf",
+                "uri": "s3://b/jobs/ns/j0/export/model.gguf",
+                "sizeBytes": 9,
+                "sha256": "cd" * 32,
+            },
+            {"name": "merged", "uri": f"{own}/export/merged/", "sizeBytes": 8, "sha256": "ef" * 32},
+        ],
+    }
+    done = pod(phase="Succeeded", running=False, exit_code=0, message=json.dumps(summary))
+    final = final_outputs([done], True, own)
+    assert final.dropped == [
+        ("summary.adapterUri", summary["adapterUri"]),
+        ("summary.exportedTo", summary["exportedTo"]),
+        ("summary.checkpointUri", summary["checkpointUri"]),
+        ("artifacts[1].uri", "s3://b/jobs/ns/j0/export/model.gguf"),
+    ]
+    p = derive_status(ftj(), job(conditions=[cond("Complete")]), [done], None, NOW, storage_prefix=own)
+    assert p["phase"] == "Succeeded"
+    assert p["summary"] == {
+        "exitReason": "completed",
+        "finalLoss": 1.2,
+        "mergedUri": f"{own}/export/merged/",
+        "checkpointStep": 40,
+        "message": "done",
+    }
+    assert [a["name"] for a in p["artifacts"]] == ["adapter", "merged"]
+    assert "checkpoint" not in p  # the summary's checkpoint pointed elsewhere
+    # Without a prefix (nothing to check against) the summary is shown as the trainer wrote it.
+    assert final_outputs([done], True).dropped == []
+
+    warning = uris_dropped_event(ftj(), final.dropped, own, NOW)
+    assert warning is not None and warning["type"] == "Warning" and warning["reason"] == "UriOutsideJobPrefix"
+    assert warning["message"].startswith(
+        f"left out of status: summary.adapterUri '{summary['adapterUri']}', "
+    )
+    assert warning["message"].endswith(
+        f"artifacts[1].uri 's3://b/jobs/ns/j0/export/model.gguf': not under the job's storage prefix {own}"
+    )
+    assert uris_dropped_event(ftj(), [], own, NOW) is None
