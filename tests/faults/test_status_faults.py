@@ -274,6 +274,20 @@ PODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, str, str]] = {
         "spec.serviceAccountName",
     ),
     "quota of pods exhausted": ({}, _quota("no-pods", {"pods": "0"}), "QuotaExceeded", "spec.resources"),
+    # A quota on the GPU names the extended resource's requests (quotas take no limits of one);
+    # the job asks for one GPU, the default.
+    "quota of GPUs exhausted": (
+        {},
+        _quota("no-gpus", {"requests.nvidia.com/gpu": "0"}),
+        "QuotaExceeded",
+        "spec.resources",
+    ),
+    "quota of GPUs too small": (
+        {"resources": {"gpus": 2}},
+        _quota("one-gpu", {"requests.nvidia.com/gpu": "1"}),
+        "QuotaExceeded",
+        "spec.resources",
+    ),
 }
 
 
@@ -296,7 +310,13 @@ def pod_cases(faults: FaultEnv) -> dict[str, tuple[str, dict[str, Any], dict[str
             conditions = status.get("conditions") or [{}]
             return status if conditions[0].get("reason") == reason else None
 
-        first = wait(f"{case}: waiting with reason {reason}", waiting, ONE_RESYNC + 10)
+        try:
+            first = wait(f"{case}: waiting with reason {reason}", waiting, ONE_RESYNC + 10)
+        except AssertionError as e:
+            events = faults.rest.request("GET", f"/api/v1/namespaces/{ns}/events")["items"]
+            seen = [(ev.get("reason"), ev.get("message")) for ev in events]
+            status = faults.get(ns, "stuck").get("status")
+            raise AssertionError(f"{e}; status {status}; the namespace's events {seen}") from None
         out[case] = (ns, first, {})
     for case, (ns, first, _) in out.items():
         final = wait(
