@@ -337,6 +337,17 @@ class Controller:
         await self._storage_credentials(ftj, phase)
         if job is None and phase in ("Succeeded", "Failed"):
             return  # nothing left to observe (the Job was deleted): the final status stands
+        if (
+            job is not None
+            and phase == "Failed"
+            and (given_up := _reason(ftj.get("status") or {})) in GIVEN_UP
+        ):
+            # Failed because its pod could never be created, and its Job deleted (or being so): the
+            # final status stands. Observed again, a Job the cache still holds after the delete reads
+            # as Pending (it has no Failed condition), and once it is gone a new one would be made:
+            # the job failed and started again every grace period.
+            await self._delete_given_up(key, job, given_up)
+            return
         if job is None:
             try:
                 job = await self._create_or_adopt(key, ftj, build_job(ftj, self.cfg))
@@ -406,15 +417,19 @@ class Controller:
         status = await self._write_status(key, ftj, compute, job=job, pods=pods, workload=workload)
         reason = _reason(status)
         if job is not None and status.get("phase") == "Failed" and reason in GIVEN_UP:
-            # Its pod can never start: stop holding the GPU (the final status stands, see above).
-            with contextlib.suppress(NotFoundError, ConflictError):
-                await self.kube.delete_job(key[0], job["metadata"]["name"], job["metadata"]["uid"])
-                log.info(
-                    "deleted Job %s: its pod cannot start (%s)",
-                    job["metadata"]["name"],
-                    reason,
-                    extra={"fields": _fields(key)},
-                )
+            await self._delete_given_up(key, job, reason)
+
+    async def _delete_given_up(self, key: Key, job: dict[str, Any], reason: str | None) -> None:
+        """Its pod can never start: stop holding the GPU (the final status stands, see above). A
+        Job already gone (the cache lagging behind the delete) answers 404, ignored."""
+        with contextlib.suppress(NotFoundError, ConflictError):
+            await self.kube.delete_job(key[0], job["metadata"]["name"], job["metadata"]["uid"])
+            log.info(
+                "deleted Job %s: its pod cannot start (%s)",
+                job["metadata"]["name"],
+                reason,
+                extra={"fields": _fields(key)},
+            )
 
     async def _storage_credentials(self, ftj: dict[str, Any], phase: str | None) -> None:
         """Scoped credentials: issued before the Job is made, renewed while the job runs (this is

@@ -325,6 +325,9 @@ def pod_cases(faults: FaultEnv) -> dict[str, tuple[str, dict[str, Any], dict[str
             POD_CREATE_GRACE_SECONDS + ONE_RESYNC + 10,
         )
         out[case] = (ns, first, final)
+    # A resync after the last one failed: time for a failed job to come back to life, if it could
+    # (the tests below count the Jobs made).
+    time.sleep(ONE_RESYNC)
     return out
 
 
@@ -343,6 +346,12 @@ def test_pods_that_cannot_be_created(
     except AssertionError as e:
         lines = [line for line in faults.operator_log().splitlines() if ns in line]
         raise AssertionError(f"{e}; the operator's lines about {ns}: {lines[-20:]}") from None
+    # Failed stays Failed: one Job only, never a second after the first was deleted (a reconcile
+    # seeing the deleted Job still in its cache once read it as Pending, then made a new one).
+    lines = [line for line in faults.operator_log().splitlines() if ns in line]
+    assert sum("created Job" in line for line in lines) == 1, lines[-20:]
+    assert not any("phase Failed ->" in line for line in lines), lines[-20:]
+    assert faults.get(ns, "stuck")["status"]["phase"] == "Failed"
 
 
 @pytest.mark.cluster
