@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="suffix of the result file (log-volume-<date>[-tag].json)")
     args = parser.parse_args(argv)
     if absent := missing():
         print(f"binaries missing ({', '.join(absent)}): run `make cluster-bins`", file=sys.stderr)
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-log-volume-"))
     result = run(args, workdir)
     result["workdir"] = str(workdir)
-    path = args.out / f"log-volume-{datetime.now(UTC).strftime('%Y%m%d')}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    path = args.out / f"log-volume-{datetime.now(UTC).strftime('%Y%m%d')}{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     log(f"-> {path}")
