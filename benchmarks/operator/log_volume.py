@@ -111,6 +111,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         kwok_stages=kwokpods.MANUAL_POD_STAGES,
         audit_users=[OPERATOR_USER],
     )
+    commit = _commit()  # what the operator runs: the tree may move on while it does
     log("starting the control plane")
     cp.start()
     operator: OperatorProcess | None = None
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         metrics = scrape(operator)
         time.sleep(2)  # the audit log is written in batches of at most 1 s
         return summarise(
+            commit=commit,
             seconds=seconds,
             operator=operator,
             audit_log=cp.audit_log,
@@ -193,6 +195,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def summarise(
     *,
+    commit: str,
     seconds: float,
     operator: OperatorProcess,
     audit_log: Path,
@@ -239,7 +242,7 @@ def summarise(
     total = len(lines)
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": _commit(),
+        "commit": commit,
         "minutes": round(seconds / 60, 2),
         "operator_config": {k: v for k, v in config.items() if k != "ports"},
         "log_lines_total": total,
