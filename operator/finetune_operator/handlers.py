@@ -133,6 +133,9 @@ class Controller:
         self._failures: dict[Key, tuple[int, str]] = {}
         """Consecutive failed reconciles and the last error, per job."""
         self._backoff_until: dict[Key, float] = {}
+        self._retry_timers: dict[Key, asyncio.TimerHandle] = {}
+        """The one pending retry per job: two reconciles failing back to back (a poke arriving
+        during the first) once left two timers, each re-arming itself: twice the tries, forever."""
         self.credentials = StorageCredentials(cfg, kube) if cfg.storage.sts.enabled else None
         """Per-job scoped storage credentials (storage.sts), else None."""
 
@@ -211,6 +214,8 @@ class Controller:
             self._specs.pop(key, None)
             self._failures.pop(key, None)
             self._backoff_until.pop(key, None)
+            if (timer := self._retry_timers.pop(key, None)) is not None:
+                timer.cancel()
             self.metrics.forget(*key)
             self.progress.forget(key)
             if self.credentials is not None:
@@ -296,9 +301,12 @@ class Controller:
             )
         self._failures[key] = (count + 1, text)
         self._backoff_until[key] = time.monotonic() + delay
-        asyncio.get_running_loop().call_later(delay, self._retry, key)
+        if (timer := self._retry_timers.pop(key, None)) is not None:
+            timer.cancel()
+        self._retry_timers[key] = asyncio.get_running_loop().call_later(delay, self._retry, key)
 
     def _retry(self, key: Key) -> None:
+        self._retry_timers.pop(key, None)
         self._backoff_until.pop(key, None)
         if key in self.ftjs:
             self.poke(key)
