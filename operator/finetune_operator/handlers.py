@@ -143,6 +143,9 @@ class Controller:
         self._failures: dict[Key, tuple[int, str]] = {}
         """Consecutive failed reconciles and the last error, per job."""
         self._backoff_until: dict[Key, float] = {}
+        self._retry_timers: dict[Key, asyncio.TimerHandle] = {}
+        """The one pending retry per job: two reconciles failing back to back (a poke arriving
+        during the first) once left two timers, each re-arming itself: twice the tries, forever."""
         self.credentials = StorageCredentials(cfg, kube) if cfg.storage.sts.enabled else None
         """Per-job scoped storage credentials (storage.sts), else None."""
 
@@ -221,6 +224,8 @@ class Controller:
             self._specs.pop(key, None)
             self._failures.pop(key, None)
             self._backoff_until.pop(key, None)
+            if (timer := self._retry_timers.pop(key, None)) is not None:
+                timer.cancel()
             self.metrics.forget(*key)
             self.book.forget(key)
             if self.credentials is not None:
@@ -301,9 +306,12 @@ class Controller:
             )
         self._failures[key] = (count + 1, text)
         self._backoff_until[key] = time.monotonic() + delay
-        asyncio.get_running_loop().call_later(delay, self._retry, key)
+        if (timer := self._retry_timers.pop(key, None)) is not None:
+            timer.cancel()
+        self._retry_timers[key] = asyncio.get_running_loop().call_later(delay, self._retry, key)
 
     def _retry(self, key: Key) -> None:
+        self._retry_timers.pop(key, None)
         self._backoff_until.pop(key, None)
         if key in self.ftjs:
             self.poke(key)
@@ -375,6 +383,17 @@ class Controller:
         """Create or adopt the Job, keep its mutable spec in step, and derive status from it."""
         if job is None and phase in ("Succeeded", "Failed"):
             return  # nothing left to observe (the Job was deleted): the final status stands
+        if (
+            job is not None
+            and phase == "Failed"
+            and (given_up := _reason(ftj.get("status") or {})) in GIVEN_UP
+        ):
+            # Failed because its pod could never be created, and its Job deleted (or being so): the
+            # final status stands. Observed again, a Job the cache still holds after the delete reads
+            # as Pending (it has no Failed condition), and once it is gone a new one would be made:
+            # the job failed and started again every grace period.
+            await self._delete_given_up(key, job, given_up)
+            return
         if job is None:
             try:
                 job = await self._create_or_adopt(key, ftj, build_job(ftj, self.cfg))
@@ -448,15 +467,19 @@ class Controller:
         )
         reason = _reason(status)
         if job is not None and status.get("phase") == "Failed" and reason in GIVEN_UP:
-            # Its pod can never start: stop holding the GPU (the final status stands, see above).
-            with contextlib.suppress(NotFoundError, ConflictError):
-                await self.kube.delete_job(key[0], job["metadata"]["name"], job["metadata"]["uid"])
-                log.info(
-                    "deleted Job %s: its pod cannot start (%s)",
-                    job["metadata"]["name"],
-                    reason,
-                    extra={"fields": _fields(key)},
-                )
+            await self._delete_given_up(key, job, reason)
+
+    async def _delete_given_up(self, key: Key, job: dict[str, Any], reason: str | None) -> None:
+        """Its pod can never start: stop holding the GPU (the final status stands, see above). A
+        Job already gone (the cache lagging behind the delete) answers 404, ignored."""
+        with contextlib.suppress(NotFoundError, ConflictError):
+            await self.kube.delete_job(key[0], job["metadata"]["name"], job["metadata"]["uid"])
+            log.info(
+                "deleted Job %s: its pod cannot start (%s)",
+                job["metadata"]["name"],
+                reason,
+                extra={"fields": _fields(key)},
+            )
 
     async def _storage_credentials(self, ftj: dict[str, Any], phase: str | None) -> None:
         """Scoped credentials: issued before the Job is made, renewed while the job runs (this is

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 from finetune_trainer.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
 from pydantic import ValidationError
 
 from finetune_operator import admission, credentials
-from finetune_operator.api import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from finetune_operator.api import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, quantity_value
 from finetune_operator.config import OperatorConfig
 from finetune_operator.naming import (
     ANNOTATION_JOB_MANIFEST,
@@ -172,16 +173,7 @@ def _env(ftj: dict[str, Any], spec: FineTuneJobSpec, cfg: OperatorConfig) -> lis
         # oversubscribe it, and spinning OpenMP threads slow training many times over (15x measured
         # with four tiny trainers on two cores). One thread per requested CPU, rounded up; with one
         # process per GPU, the requested CPUs divided among them.
-        {
-            "name": "OMP_NUM_THREADS",
-            "valueFrom": {
-                "resourceFieldRef": {
-                    "containerName": CONTAINER,
-                    "resource": "requests.cpu",
-                    "divisor": str(max(1, spec.resources.gpus)),
-                }
-            },
-        },
+        _omp_threads(spec, cfg),
     ]
     if spec.resources.gpus > 1:
         # The trainer starts one process per GPU (finetune_trainer/launch.py, through torchrun).
@@ -240,6 +232,19 @@ def secret_fields(ftj: dict[str, Any], cfg: OperatorConfig) -> dict[str, str]:
         own = ((ftj.get("spec") or {}).get("storage") or {}).get("credentialsSecret")
         out[storage] = "spec.storage.credentialsSecret" if own else "the operator's storage.credentialsSecret"
     return out
+
+
+def _omp_threads(spec: FineTuneJobSpec, cfg: OperatorConfig) -> dict[str, Any]:
+    """OMP_NUM_THREADS: the CPU request in whole cores (rounded up, by the kubelet), or with one
+    process per GPU the request divided among them, worked out here: the API server takes no
+    divisor of a CPU request but 1 and 1m (a Job with divisor "2" is refused with 422)."""
+    if spec.resources.gpus <= 1:
+        ref = {"containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1"}
+        return {"name": "OMP_NUM_THREADS", "valueFrom": {"resourceFieldRef": ref}}
+    cores = quantity_value(spec.resources.cpu or cfg.default_cpu)
+    # rounded first: quantity_value is floating point, and 6 / 3 must stay 2, not become 3
+    threads = max(1, math.ceil(round(cores / spec.resources.gpus, 6)))
+    return {"name": "OMP_NUM_THREADS", "value": str(threads)}
 
 
 def _resources(spec: FineTuneJobSpec, cfg: OperatorConfig) -> dict[str, Any]:

@@ -274,6 +274,20 @@ PODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, str, str]] = {
         "spec.serviceAccountName",
     ),
     "quota of pods exhausted": ({}, _quota("no-pods", {"pods": "0"}), "QuotaExceeded", "spec.resources"),
+    # A quota on the GPU names the extended resource's requests (quotas take no limits of one);
+    # the job asks for one GPU, the default.
+    "quota of GPUs exhausted": (
+        {},
+        _quota("no-gpus", {"requests.nvidia.com/gpu": "0"}),
+        "QuotaExceeded",
+        "spec.resources",
+    ),
+    "quota of GPUs too small": (
+        {"resources": {"gpus": 2}},
+        _quota("one-gpu", {"requests.nvidia.com/gpu": "1"}),
+        "QuotaExceeded",
+        "spec.resources",
+    ),
 }
 
 
@@ -296,7 +310,13 @@ def pod_cases(faults: FaultEnv) -> dict[str, tuple[str, dict[str, Any], dict[str
             conditions = status.get("conditions") or [{}]
             return status if conditions[0].get("reason") == reason else None
 
-        first = wait(f"{case}: waiting with reason {reason}", waiting, ONE_RESYNC + 10)
+        try:
+            first = wait(f"{case}: waiting with reason {reason}", waiting, ONE_RESYNC + 10)
+        except AssertionError as e:
+            events = faults.rest.request("GET", f"/api/v1/namespaces/{ns}/events")["items"]
+            seen = [(ev.get("reason"), ev.get("message")) for ev in events]
+            status = faults.get(ns, "stuck").get("status")
+            raise AssertionError(f"{e}; status {status}; the namespace's events {seen}") from None
         out[case] = (ns, first, {})
     for case, (ns, first, _) in out.items():
         final = wait(
@@ -305,6 +325,9 @@ def pod_cases(faults: FaultEnv) -> dict[str, tuple[str, dict[str, Any], dict[str
             POD_CREATE_GRACE_SECONDS + ONE_RESYNC + 10,
         )
         out[case] = (ns, first, final)
+    # A resync after the last one failed: time for a failed job to come back to life, if it could
+    # (the tests below count the Jobs made).
+    time.sleep(ONE_RESYNC)
     return out
 
 
@@ -323,6 +346,12 @@ def test_pods_that_cannot_be_created(
     except AssertionError as e:
         lines = [line for line in faults.operator_log().splitlines() if ns in line]
         raise AssertionError(f"{e}; the operator's lines about {ns}: {lines[-20:]}") from None
+    # Failed stays Failed: one Job only, never a second after the first was deleted (a reconcile
+    # seeing the deleted Job still in its cache once read it as Pending, then made a new one).
+    lines = [line for line in faults.operator_log().splitlines() if ns in line]
+    assert sum("created Job" in line for line in lines) == 1, lines[-20:]
+    assert not any("phase Failed ->" in line for line in lines), lines[-20:]
+    assert faults.get(ns, "stuck")["status"]["phase"] == "Failed"
 
 
 @pytest.mark.cluster

@@ -307,13 +307,27 @@ def test_multi_gpu_pod_gets_what_data_parallel_training_needs() -> None:
     assert env["FINETUNE_NPROC_PER_NODE"]["value"] == "4"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     # The requested CPUs shared among the 4 processes: 16 / 4 = 4 OpenMP threads each.
-    assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["divisor"] == "4"
+    assert env["OMP_NUM_THREADS"] == {"name": "OMP_NUM_THREADS", "value": "4"}
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1"
     assert env["NCCL_DEBUG"]["value"] == "WARN"
     # A memory-backed /dev/shm, bounded (the runtime's default is 64 MiB; NCCL needs more).
     [shm] = [v for v in pod["volumes"] if v["name"] == "shm"]
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "4096Mi"}
     assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    ("cpu", "gpus", "threads"),
+    [("16", 4, "4"), ("6", 3, "2"), ("3", 2, "2"), ("1500m", 2, "1"), ("100m", 2, "1"), (None, 4, "1")],
+)
+def test_multi_gpu_threads_are_the_cpu_request_shared_and_rounded_up(
+    cpu: str | None, gpus: int, threads: str
+) -> None:
+    # A literal: the API server refuses a resourceFieldRef divisor of a CPU request other than 1
+    # and 1m (such a Job could never be created).
+    resources: dict[str, object] = {"gpus": gpus} | ({"cpu": cpu} if cpu else {})
+    env = {e["name"]: e for e in trainer(build_job(ftj(resources=resources), CFG))["env"]}
+    assert env["OMP_NUM_THREADS"] == {"name": "OMP_NUM_THREADS", "value": threads}
 
 
 @pytest.mark.parametrize("gpus", [0, 1])
